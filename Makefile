@@ -1,0 +1,43 @@
+# Billing Ops. `make run` and `make test` need nothing but Python 3.11+ on the machine.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat requirements.txt | cksum | cut -d' ' -f1)
+
+.PHONY: run test test-fast lint services stop status migrate seed clean help
+
+help:
+	@echo "make run     - web + worker + beat + demo data (private PostgreSQL/Redis unless URLs are set)"
+	@echo "make test    - the whole test suite (same bootstrap)"
+	@echo "make lint    - ruff"
+	@echo "make services / stop / status - the private PostgreSQL and Redis alone"
+
+$(STAMP): requirements.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
+	@rm -f $(VENV)/.installed-*
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(PY) -m billing_ops.devstack run
+
+test: $(STAMP)
+	$(PY) -m billing_ops.devstack test $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+services: $(STAMP)
+	$(PY) -m billing_ops.devstack up
+
+stop: $(STAMP)
+	$(PY) -m billing_ops.devstack down
+
+status: $(STAMP)
+	$(PY) -m billing_ops.devstack status
+
+clean:
+	rm -rf $(VENV) var

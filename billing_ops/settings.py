@@ -1,0 +1,265 @@
+"""Billing Ops settings: one file, driven by environment variables.
+
+Every setting is listed in the README. Helpers raise ImproperlyConfigured on a malformed
+value so that a bad deployment fails at start-up, not at the first request.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from django.core.exceptions import ImproperlyConfigured
+
+from billing_ops.environments import (
+    DEFAULT_CONNECT_TIMEOUT_S,
+    DEFAULT_STATEMENT_TIMEOUT_MS,
+    database_settings,
+    load_environments,
+    parse_database_url,
+)
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+VAR_DIR = Path(os.environ.get("BILLING_OPS_VAR_DIR", BASE_DIR / "var"))
+
+
+def _load_devstack_env() -> None:
+    """Private services started by `make run`/`make test` leave their URLs in var/devstack.env.
+
+    Read them only when the deployment configured nothing, so that `./manage.py ...` works
+    in a checkout that `make run` set up, and a configured URL always wins.
+    """
+    env_file = VAR_DIR / "devstack.env"
+    if os.environ.get("DATABASE_URL") or not env_file.exists():
+        return
+    for line in env_file.read_text().splitlines():
+        if "=" in line and not line.startswith("#"):
+            name, value = line.split("=", 1)
+            os.environ.setdefault(name.strip(), value.strip())
+
+
+_load_devstack_env()
+
+
+def env_str(name: str, default: str | None = None) -> str:
+    value = os.environ.get(name, default)
+    if value is None:
+        raise ImproperlyConfigured(f"{name} is not set")
+    return value
+
+
+def env_bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    if raw.lower() in {"1", "true", "yes", "on"}:
+        return True
+    if raw.lower() in {"0", "false", "no", "off"}:
+        return False
+    raise ImproperlyConfigured(f"{name} must be true or false, not {raw!r}")
+
+
+def env_int(name: str, default: int, *, minimum: int = 0) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name} must be an integer, not {raw!r}") from None
+    if value < minimum:
+        raise ImproperlyConfigured(f"{name} must be at least {minimum}")
+    return value
+
+
+def env_list(name: str, default: str) -> list[str]:
+    return [item.strip() for item in os.environ.get(name, default).split(",") if item.strip()]
+
+
+DEBUG = env_bool("DJANGO_DEBUG", False)
+DEMO_MODE = env_bool("BILLING_OPS_DEMO", False)
+TESTING = "pytest" in sys.modules or env_bool("BILLING_OPS_TESTING", False)
+
+SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "")
+if not SECRET_KEY:
+    if DEBUG or DEMO_MODE or TESTING:
+        SECRET_KEY = "insecure-local-only-" + str(BASE_DIR)
+    else:
+        raise ImproperlyConfigured("DJANGO_SECRET_KEY is not set")
+
+ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1")
+CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS", "")
+
+# Which process this is (web, worker, beat, cli): shows in pg_stat_activity.application_name.
+PROCESS_ROLE = os.environ.get("BILLING_OPS_PROCESS_ROLE", "cli")
+
+INSTALLED_APPS = [
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "django.contrib.humanize",
+    "django_htmx",
+    "django_tables2",
+    "django_filters",
+    "django_celery_beat",
+    "billing_ops",
+    "locks",
+    "reconciliation",
+    "audit",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.auth.middleware.LoginRequiredMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "django_htmx.middleware.HtmxMiddleware",
+]
+
+ROOT_URLCONF = "billing_ops.urls"
+WSGI_APPLICATION = "billing_ops.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+                "billing_ops.context_processors.navigation",
+            ],
+        },
+    },
+]
+
+# --- Databases -------------------------------------------------------------------------
+# `default` is the dashboard's own database; every environment is an extra alias.
+CONNECT_TIMEOUT_S = env_int("BILLING_OPS_CONNECT_TIMEOUT_S", DEFAULT_CONNECT_TIMEOUT_S, minimum=1)
+STATEMENT_TIMEOUT_MS = env_int("BILLING_OPS_STATEMENT_TIMEOUT_MS", DEFAULT_STATEMENT_TIMEOUT_MS, minimum=100)
+
+_database_url = os.environ.get("DATABASE_URL", "")
+if not _database_url:
+    raise ImproperlyConfigured(
+        "DATABASE_URL is not set. Run `make run` (which starts a private PostgreSQL) "
+        "or set DATABASE_URL to the dashboard's own database."
+    )
+DATABASES = {
+    "default": database_settings(
+        parse_database_url(_database_url, where="DATABASE_URL"),
+        application_name=f"billing-ops {PROCESS_ROLE}",
+        connect_timeout_s=CONNECT_TIMEOUT_S,
+        statement_timeout_ms=STATEMENT_TIMEOUT_MS,
+        conn_max_age_s=env_int("BILLING_OPS_CONN_MAX_AGE_S", 60),
+    )
+}
+
+ENVIRONMENTS_FILE = Path(os.environ.get("BILLING_OPS_ENVIRONMENTS") or BASE_DIR / "environments.demo.toml")
+ENVIRONMENTS = load_environments(ENVIRONMENTS_FILE)
+for _env in ENVIRONMENTS.values():
+    DATABASES[_env.alias] = database_settings(
+        _env.conninfo,
+        application_name=f"billing-ops {PROCESS_ROLE} env={_env.key}",
+        connect_timeout_s=CONNECT_TIMEOUT_S,
+        statement_timeout_ms=STATEMENT_TIMEOUT_MS,
+    )
+DATABASE_ROUTERS = ["billing_ops.routers.EnvironmentRouter"]
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# --- Redis and Celery --------------------------------------------------------------------
+REDIS_URL = os.environ.get("REDIS_URL", "")
+if not REDIS_URL:
+    raise ImproperlyConfigured("REDIS_URL is not set. Run `make run` or set REDIS_URL.")
+
+JOB_SOFT_TIME_LIMIT_S = env_int("BILLING_OPS_JOB_SOFT_TIME_LIMIT_S", 3 * 3600, minimum=10)
+JOB_TIME_LIMIT_S = JOB_SOFT_TIME_LIMIT_S + 300
+# A job whose worker has not written a heartbeat for this long is considered lost.
+JOB_HEARTBEAT_S = env_int("BILLING_OPS_JOB_HEARTBEAT_S", 5, minimum=1)
+JOB_STALE_AFTER_S = env_int("BILLING_OPS_JOB_STALE_AFTER_S", 60, minimum=3)
+# A queued job not picked up for this long is sent again (the claim makes a duplicate harmless).
+JOB_REDISPATCH_AFTER_S = env_int("BILLING_OPS_JOB_REDISPATCH_AFTER_S", 120, minimum=1)
+SWEEP_INTERVAL_S = env_int("BILLING_OPS_SWEEP_INTERVAL_S", 15, minimum=1)
+# Tests get a queue of their own so that a worker of `make run` never takes their jobs.
+CELERY_QUEUE = os.environ.get("BILLING_OPS_QUEUE") or (
+    f"billing_ops_test_{os.getpid()}" if TESTING else "billing_ops"
+)
+
+CELERY_BROKER_URL = REDIS_URL
+CELERY_RESULT_BACKEND = None  # job state lives in the `default` database, not in Redis
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_TASK_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_SOFT_TIME_LIMIT = JOB_SOFT_TIME_LIMIT_S
+CELERY_TASK_TIME_LIMIT = JOB_TIME_LIMIT_S
+CELERY_TASK_DEFAULT_QUEUE = CELERY_QUEUE
+CELERY_BROKER_TRANSPORT_OPTIONS = {
+    # Must exceed the hard time limit, or Redis would hand a long job to a second worker.
+    "visibility_timeout": JOB_TIME_LIMIT_S + 600,
+    "socket_connect_timeout": 2,
+    "socket_timeout": 10,
+}
+# Publishing must not hang a web request while Redis is down: fail fast, the sweeper re-sends.
+CELERY_TASK_PUBLISH_RETRY = False
+CELERY_BROKER_CONNECTION_TIMEOUT = 2
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_WORKER_SEND_TASK_EVENTS = False
+CELERY_TIMEZONE = os.environ.get("BILLING_OPS_SCHEDULE_TIME_ZONE", "UTC")
+CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+CELERY_BEAT_SCHEDULE = {
+    "sweep-jobs": {"task": "billing_ops.tasks.sweep_jobs", "schedule": float(SWEEP_INTERVAL_S)},
+}
+# Workers report a heartbeat into Redis under this key prefix; /healthz reads it.
+WORKER_HEARTBEAT_KEY_PREFIX = f"billing_ops:worker:{CELERY_QUEUE}:"
+
+# --- Auth, i18n, static ------------------------------------------------------------------
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+]
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "overview"
+LOGOUT_REDIRECT_URL = "login"
+SESSION_COOKIE_HTTPONLY = True
+SESSION_COOKIE_SECURE = env_bool("DJANGO_SECURE_COOKIES", not (DEBUG or DEMO_MODE or TESTING))
+CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
+
+LANGUAGE_CODE = "en"
+TIME_ZONE = os.environ.get("BILLING_OPS_DISPLAY_TIME_ZONE", "UTC")
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = VAR_DIR / "static"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"},
+}
+if DEBUG or TESTING:
+    STORAGES["staticfiles"] = {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"}
+    WHITENOISE_USE_FINDERS = True
+
+DJANGO_TABLES2_TEMPLATE = "django_tables2/bootstrap5.html"
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": os.environ.get("BILLING_OPS_LOG_LEVEL", "INFO")},
+    "loggers": {"django.db.backends": {"level": "WARNING"}},
+}

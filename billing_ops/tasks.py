@@ -1,0 +1,18 @@
+"""Thin Celery tasks: fetch by id, call one service."""
+
+from __future__ import annotations
+
+from celery import shared_task
+
+from billing_ops import services
+
+
+@shared_task(name="billing_ops.tasks.run_job", bind=True, acks_late=True, reject_on_worker_lost=True)
+def run_job(self, job_id: int) -> str:  # type: ignore[no-untyped-def]
+    return services.job_execute(job_id=job_id, worker=self.request.hostname)
+
+
+@shared_task(name="billing_ops.tasks.sweep_jobs", ignore_result=True)
+def sweep_jobs() -> dict[str, list[int]]:
+    report = services.jobs_sweep()
+    return report.__dict__

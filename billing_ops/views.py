@@ -1,0 +1,165 @@
+"""Views: parse, check access, call one service or selector, present the result."""
+
+from __future__ import annotations
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_not_required
+from django.core.exceptions import PermissionDenied, ValidationError
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.utils.translation import gettext as _
+from django.views.decorators.cache import never_cache
+from django.views.decorators.http import require_GET, require_POST
+from django_tables2 import RequestConfig
+
+from billing_ops import access, selectors, services
+from billing_ops.environments import all_environments
+from billing_ops.filters import JobFilter
+from billing_ops.forms import DecisionForm, EnvironmentCheckForm
+from billing_ops.job_kinds import get_kind
+from billing_ops.models import Job
+from billing_ops.tables import JobTable
+
+JOBS_PER_PAGE = 50
+
+
+def _get_job_for_user(request: HttpRequest, job_id: int) -> Job:
+    access.require_viewer(request.user)
+    return get_object_or_404(Job.objects.select_related("requested_by", "approved_by"), pk=job_id)
+
+
+@require_GET
+def overview(request: HttpRequest) -> HttpResponse:
+    access.require_viewer(request.user)
+    probes = selectors.environments_probe(all_environments())
+    recent = selectors.jobs_recent()[:10]
+    return render(request, "billing_ops/overview.html", {
+        "probes": probes, "recent_jobs": recent, "check_form": EnvironmentCheckForm(),
+    })
+
+
+@require_GET
+def environment_detail(request: HttpRequest, env_key: str) -> HttpResponse:
+    env = access.get_environment_for_user(request.user, env_key)
+    probe = selectors.environment_probe(env)
+    schema = statuses = None
+    if probe.reachable:
+        schema = selectors.contract_schema_status(env)
+        statuses = selectors.billing_statuses(env) if schema["billing_status_enum"] else []
+    return render(request, "billing_ops/environment_detail.html", {
+        "env": env, "probe": probe, "schema": schema, "statuses": statuses,
+        "jobs": selectors.jobs_recent(environment=env.key)[:20],
+        "check_form": EnvironmentCheckForm(initial={"environment": env.key}),
+    })
+
+
+@require_GET
+def job_list(request: HttpRequest) -> HttpResponse:
+    access.require_viewer(request.user)
+    job_filter = JobFilter(request.GET, queryset=selectors.jobs_recent())
+    table = JobTable(job_filter.qs)
+    RequestConfig(request, paginate={"per_page": JOBS_PER_PAGE}).configure(table)
+    return render(request, "billing_ops/job_list.html", {"filter": job_filter, "table": table})
+
+
+@require_GET
+def approval_list(request: HttpRequest) -> HttpResponse:
+    access.require_viewer(request.user)
+    return render(request, "billing_ops/approval_list.html", {"jobs": selectors.jobs_awaiting_approval()})
+
+
+def _job_context(request: HttpRequest, job: Job) -> dict[str, object]:
+    user = request.user
+    return {
+        "job": job,
+        "kind": get_kind(job.kind),
+        "log_lines": job.log_lines.all(),
+        "can_decide": access.is_approver(user) and job.status == "awaiting_approval"
+        and job.requested_by_id != user.pk,
+        "can_cancel": not job.is_finished and not job.cancel_requested
+        and ((job.requested_by_id == user.pk and access.is_operator(user)) or access.is_approver(user)),
+        "decision_form": DecisionForm(initial={"digest": job.params_digest}),
+    }
+
+
+@require_GET
+def job_detail(request: HttpRequest, job_id: int) -> HttpResponse:
+    job = _get_job_for_user(request, job_id)
+    return render(request, "billing_ops/job_detail.html", _job_context(request, job))
+
+
+@never_cache
+@require_GET
+def job_status_fragment(request: HttpRequest, job_id: int) -> HttpResponse:
+    """The live part of the job page, polled by htmx until the job finishes."""
+    job = _get_job_for_user(request, job_id)
+    return render(request, "billing_ops/_job_status.html", _job_context(request, job))
+
+
+@require_POST
+def environment_check_request(request: HttpRequest) -> HttpResponse:
+    access.require_operator(request.user)
+    form = EnvironmentCheckForm(request.POST)
+    if not form.is_valid():
+        messages.error(request, _("Choose a configured environment."))
+        return redirect("overview")
+    job = services.job_request(
+        actor=request.user, kind="environment_check", environment=form.cleaned_data["environment"]
+    )
+    messages.success(request, _("Environment check queued as job #%(id)s.") % {"id": job.pk})
+    return redirect("job_detail", job_id=job.pk)
+
+
+def _decide(request: HttpRequest, job_id: int, *, approve: bool) -> HttpResponse:
+    access.require_approver(request.user)
+    job = _get_job_for_user(request, job_id)
+    form = DecisionForm(request.POST)
+    if not form.is_valid():
+        messages.error(request, _("The decision form was incomplete."))
+        return redirect("job_detail", job_id=job.pk)
+    try:
+        if approve:
+            services.job_approve(actor=request.user, job_id=job.pk, digest=form.cleaned_data["digest"],
+                                 comment=form.cleaned_data["comment"])
+            messages.success(request, _("Job #%(id)s approved and queued.") % {"id": job.pk})
+        else:
+            services.job_refuse(actor=request.user, job_id=job.pk, comment=form.cleaned_data["comment"])
+            messages.success(request, _("Job #%(id)s refused.") % {"id": job.pk})
+    except ValidationError as exc:
+        messages.error(request, " ".join(exc.messages))
+    return redirect("job_detail", job_id=job.pk)
+
+
+@require_POST
+def job_approve(request: HttpRequest, job_id: int) -> HttpResponse:
+    return _decide(request, job_id, approve=True)
+
+
+@require_POST
+def job_refuse(request: HttpRequest, job_id: int) -> HttpResponse:
+    return _decide(request, job_id, approve=False)
+
+
+@require_POST
+def job_cancel(request: HttpRequest, job_id: int) -> HttpResponse:
+    access.require_operator_or_approver(request.user)
+    job = _get_job_for_user(request, job_id)
+    try:
+        services.job_cancel(actor=request.user, job_id=job.pk)
+        messages.success(request, _("Cancel recorded for job #%(id)s.") % {"id": job.pk})
+    except ValidationError as exc:
+        messages.error(request, " ".join(exc.messages))
+    return redirect("job_detail", job_id=job.pk)
+
+
+@login_not_required
+@never_cache
+@require_GET
+def healthz(request: HttpRequest) -> JsonResponse:
+    report = selectors.health_report()
+    return JsonResponse(report, status=200 if report["ok"] else 503)
+
+
+def permission_denied(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
+    message = str(exception) if isinstance(exception, PermissionDenied) and str(exception) else ""
+    return render(request, "403.html", {"message": message}, status=403)

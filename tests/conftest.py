@@ -1,0 +1,212 @@
+"""Test fixtures: real PostgreSQL (the default database plus every configured environment,
+as test databases built from the contract schema), real Redis, and a real Celery worker
+running in its own process against the same test databases.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.conf import settings
+from django.contrib.auth.models import Group, User
+from django.db import connections
+from django.test import Client
+from psycopg.conninfo import conninfo_to_dict
+
+from billing_ops.contract import contract_schema_apply
+from billing_ops.environments import Environment, all_environments
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+WORKER_START_TIMEOUT_S = 60
+CONTRACT_TABLES = ("billing.billings", "lock.locks", "public.invoice_lines", "public.audit_logs")
+
+
+@pytest.fixture(scope="session")
+def django_db_setup(django_test_environment: None, django_db_blocker: Any) -> Iterator[None]:
+    """Create test databases for `default` and every environment alias, and build the
+    contract schema in each environment's test database."""
+    from django.test.utils import setup_databases, teardown_databases
+
+    with django_db_blocker.unblock():
+        config = setup_databases(verbosity=0, interactive=False, aliases=set(connections))
+        for env in all_environments():
+            contract_schema_apply(env)
+    yield
+    with django_db_blocker.unblock():
+        for alias in connections:
+            connections[alias].close()
+        teardown_databases(config, verbosity=0)
+
+
+def _test_url(alias: str) -> str:
+    """A URL for the test database behind `alias` (after setup_databases renamed it)."""
+    s = connections[alias].settings_dict
+    parts = {"user": s["USER"], "password": s["PASSWORD"], "host": s["HOST"] or "localhost",
+             "port": str(s["PORT"] or 5432), "dbname": s["NAME"]}
+    from urllib.parse import quote
+
+    auth = quote(parts["user"], safe="") + (":" + quote(parts["password"], safe="") if parts["password"] else "")
+    return f"postgresql://{auth}@{parts['host']}:{parts['port']}/{parts['dbname']}"
+
+
+@pytest.fixture(scope="session")
+def worker_environ(django_db_setup: None, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Environment variables that point a subprocess at this session's test databases."""
+    env_file = tmp_path_factory.mktemp("config") / "environments.toml"
+    lines: list[str] = []
+    environ = dict(os.environ)
+    for env in all_environments():
+        var = f"BILLING_OPS_TESTENV_{env.key.upper()}_URL"
+        environ[var] = _test_url(env.alias)
+        lines += [f"[environments.{env.key}]", f'label = "{env.label}"', f'url_env = "{var}"',
+                  f"protected = {'true' if env.protected else 'false'}", "demo = true", ""]
+    env_file.write_text("\n".join(lines))
+    environ.update({
+        "DATABASE_URL": _test_url("default"),
+        "BILLING_OPS_ENVIRONMENTS": str(env_file),
+        "BILLING_OPS_QUEUE": settings.CELERY_QUEUE,
+        "BILLING_OPS_TESTING": "1",
+        "BILLING_OPS_JOB_HEARTBEAT_S": "1",
+        "PYTHONUNBUFFERED": "1",
+    })
+    return environ
+
+
+class Worker:
+    """A real `celery worker` process consuming this session's queue."""
+
+    def __init__(self, environ: dict[str, str], name: str) -> None:
+        self.environ = environ
+        self.name = f"{name}@{os.uname().nodename}"
+        self.log = Path(tempfile.mkstemp(prefix="celery-worker-", suffix=".log")[1])
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        import redis
+
+        client = redis.Redis.from_url(settings.REDIS_URL)
+        key = f"{settings.WORKER_HEARTBEAT_KEY_PREFIX}{self.name}"
+        client.delete(key)
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", "billing_ops", "worker", "-l", "INFO",
+                 "-Q", settings.CELERY_QUEUE, "--concurrency", "1", "-n", self.name, "--without-gossip",
+                 "--without-mingle"],
+                cwd=BASE_DIR, env={**self.environ, "BILLING_OPS_PROCESS_ROLE": "test-worker"},
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        deadline = time.monotonic() + WORKER_START_TIMEOUT_S
+        while not client.exists(key):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"celery worker did not start:\n{self.log.read_text()[-3000:]}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def kill(self) -> None:
+        """SIGKILL the whole worker (main process and its pool children)."""
+        import signal
+
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def celery_worker(worker_environ: dict[str, str]) -> Iterator[Worker]:
+    worker = Worker(worker_environ, "testworker")
+    worker.start()
+    yield worker
+    worker.stop()
+
+
+@pytest.fixture
+def clean_environments(django_db_blocker: Any) -> Iterator[None]:
+    """Empty the contract tables of every environment's test database before and after."""
+
+    def truncate() -> None:
+        with django_db_blocker.unblock():
+            for env in all_environments():
+                with connections[env.alias].cursor() as cursor:
+                    cursor.execute(f"TRUNCATE {', '.join(CONTRACT_TABLES)} RESTART IDENTITY")
+
+    truncate()
+    yield
+    truncate()
+
+
+def make_user(username: str, *roles: str, password: str = "pw-for-tests-only") -> User:
+    user = User.objects.create_user(username=username, password=password)
+    for role in roles:
+        user.groups.add(Group.objects.get(name=role))
+    return user
+
+
+@pytest.fixture
+def viewer(db: None) -> User:
+    return make_user("viewer1", "Viewer")
+
+
+@pytest.fixture
+def operator(db: None) -> User:
+    return make_user("operator1", "Operator")
+
+
+@pytest.fixture
+def approver(db: None) -> User:
+    return make_user("approver1", "Approver")
+
+
+@pytest.fixture
+def client_for() -> Any:
+    def login(user: User) -> Client:
+        client = Client()
+        client.force_login(user)
+        return client
+
+    return login
+
+
+@pytest.fixture(scope="session")
+def unprotected_env() -> Environment:
+    envs = [e for e in all_environments() if not e.protected]
+    if not envs:
+        pytest.fail("the test suite needs at least one unprotected environment in BILLING_OPS_ENVIRONMENTS")
+    return envs[0]
+
+
+@pytest.fixture(scope="session")
+def protected_env() -> Environment:
+    envs = [e for e in all_environments() if e.protected]
+    if not envs:
+        pytest.fail("the test suite needs at least one protected environment in BILLING_OPS_ENVIRONMENTS")
+    return envs[0]
+
+
+def wait_for(predicate: Any, *, timeout_s: float = 30, interval_s: float = 0.2, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def database_name(alias: str) -> str:
+    return str(conninfo_to_dict(_test_url(alias))["dbname"])
