@@ -299,8 +299,14 @@ def job_execute(*, job_id: int, worker: str | None = None) -> str:
     if job is None:
         logger.info("job %s not claimed (already taken, finished or cancelled)", job_id)
         return "skipped"
-    kind = get_kind(job.kind)
-    env = get_environment(job.environment) if job.environment else None
+    try:
+        kind = get_kind(job.kind)
+        env = get_environment(job.environment) if job.environment else None
+    except LookupError as exc:  # configuration changed since the request: say so, run nothing
+        Job.objects.filter(pk=job.pk, status=JobStatus.RUNNING).update(
+            status=JobStatus.FAILED, finished_at=timezone.now(), error=str(exc))
+        job_log(job.pk, str(exc), level="error")
+        return str(JobStatus.FAILED)
     job_log(job.pk, _("Started on %(worker)s (attempt %(n)s).") % {"worker": worker, "n": job.attempts})
     heartbeat = _Heartbeat(job.pk)
     heartbeat.start()
@@ -390,3 +396,20 @@ def environment_check(ctx: JobContext) -> dict[str, Any]:
         "schema": schema,
         "row_counts": counts,
     }
+
+
+# --- Roles ---------------------------------------------------------------------------------
+
+
+def roles_ensure() -> None:
+    """Create the Viewer/Operator/Approver groups with their permissions (idempotent).
+
+    Migration 0002 does this on migrate; this is for a database whose tables were flushed.
+    """
+    from django.contrib.auth.models import Group, Permission
+
+    for role, codenames in access.ROLE_PERMISSIONS.items():
+        group, _created = Group.objects.get_or_create(name=role)
+        group.permissions.add(
+            *Permission.objects.filter(content_type__app_label="billing_ops", codename__in=codenames)
+        )

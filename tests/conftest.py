@@ -151,6 +151,14 @@ def clean_environments(django_db_blocker: Any) -> Iterator[None]:
 
 
 def make_user(username: str, *roles: str, password: str = "pw-for-tests-only") -> User:
+    from django.contrib.auth.management import create_permissions
+    from django.apps import apps
+
+    from billing_ops.services import roles_ensure
+
+    # Transactional tests flush `default`, taking the migration-made groups with it.
+    create_permissions(apps.get_app_config("billing_ops"), verbosity=0)
+    roles_ensure()
     user = User.objects.create_user(username=username, password=password)
     for role in roles:
         user.groups.add(Group.objects.get(name=role))
@@ -210,3 +218,12 @@ def wait_for(predicate: Any, *, timeout_s: float = 30, interval_s: float = 0.2, 
 
 def database_name(alias: str) -> str:
     return str(conninfo_to_dict(_test_url(alias))["dbname"])
+
+
+def free_port_for_tests() -> int:
+    """A port on 127.0.0.1 with nothing listening: a service that is down."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

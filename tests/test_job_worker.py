@@ -1,0 +1,110 @@
+"""Jobs through a real Celery worker on real Redis, against the test databases."""
+
+from __future__ import annotations
+
+import time
+
+import psycopg
+import pytest
+from django.db import connections
+
+from billing_ops import services
+from billing_ops.celery import app as celery_app
+from billing_ops.models import Job, JobStatus
+from billing_ops.tasks import run_job
+from tests.conftest import _test_url, free_port_for_tests, wait_for
+
+pytestmark = [pytest.mark.django_db(databases="__all__", transaction=True)]
+
+
+def finished(job_id: int) -> Job | None:
+    job = Job.objects.get(pk=job_id)
+    return job if job.is_finished else None
+
+
+def seed_rows(env) -> None:
+    with connections[env.alias].cursor() as cursor:
+        cursor.execute("INSERT INTO billing.billings (id, billing_number, status, process_stage) "
+                       "SELECT g, 'BILLING' || g, 'COMPLETED', 'ACCOUNTING' FROM generate_series(1, 7) g")
+        cursor.execute("INSERT INTO lock.locks (id, lock_key, entity_type, entity_id, billing_id, system_lock) "
+                       "SELECT 'L' || g, 'customers:' || g, 'customers', g::text, 1, true "
+                       "FROM generate_series(1, 12) g")
+
+
+def test_an_environment_check_runs_on_a_worker(celery_worker, operator, unprotected_env,
+                                               clean_environments) -> None:
+    seed_rows(unprotected_env)
+    job = services.job_request(actor=operator, kind="environment_check", environment=unprotected_env.key)
+    job = wait_for(lambda: finished(job.pk), what="the environment check to finish")
+    assert job.status == JobStatus.SUCCEEDED, job.error
+    assert job.dispatched_at is not None and job.attempts == 1
+    assert job.worker == celery_worker.name
+    assert job.result["row_counts"] == {"billing.billings": 7, "lock.locks": 12, "invoice_lines": 0,
+                                        "audit_logs": 0}
+    assert job.result["schema"]["complete"] is True
+    assert job.result["server_version"]
+    assert job.progress_done == job.progress_total == 6
+
+
+def test_a_duplicated_message_runs_the_job_once(celery_worker, operator, unprotected_env,
+                                                clean_environments) -> None:
+    job = services.job_request(actor=operator, kind="environment_check", environment=unprotected_env.key)
+    run_job.apply_async(args=[job.pk])  # the same message again, as a redelivery would
+    run_job.apply_async(args=[job.pk])
+    job = wait_for(lambda: finished(job.pk), what="the job to finish")
+    time.sleep(2)  # give the duplicates time to arrive and be turned away
+    job.refresh_from_db()
+    assert job.status == JobStatus.SUCCEEDED and job.attempts == 1
+    assert job.log_lines.filter(message__startswith="Started on").count() == 1
+
+
+def test_a_job_submitted_while_redis_is_down_is_dispatched_when_it_returns(
+    celery_worker, operator, unprotected_env, clean_environments, monkeypatch
+) -> None:
+    real_broker = celery_app.conf["CELERY_BROKER_URL"]
+    monkeypatch.setitem(celery_app.conf, "CELERY_BROKER_URL", f"redis://127.0.0.1:{free_port_for_tests()}/0")
+    started = time.monotonic()
+    job = services.job_request(actor=operator, kind="environment_check", environment=unprotected_env.key)
+    submit_s = time.monotonic() - started
+    job.refresh_from_db()
+    assert job.status == JobStatus.QUEUED and job.dispatched_at is None
+    assert "Error" in job.dispatch_error or "refused" in job.dispatch_error.lower()
+    assert submit_s < 10, "submitting must not hang while Redis is down"
+
+    report = services.jobs_sweep()  # still down: recorded as undispatchable, nothing lost
+    assert job.pk in report.undispatchable
+
+    monkeypatch.setitem(celery_app.conf, "CELERY_BROKER_URL", real_broker)
+    report = services.jobs_sweep()
+    assert job.pk in report.redispatched
+    job = wait_for(lambda: finished(job.pk), what="the re-sent job to finish")
+    assert job.status == JobStatus.SUCCEEDED and job.attempts == 1 and job.dispatch_count == 1
+
+
+def test_a_job_whose_worker_is_killed_is_resumed_by_the_sweeper(celery_worker, operator, unprotected_env,
+                                                                 clean_environments, settings) -> None:
+    seed_rows(unprotected_env)
+    # Hold a lock that makes the check's count(*) wait, so the worker is mid-job when killed.
+    blocker = psycopg.connect(_test_url(unprotected_env.alias))
+    blocker.execute("LOCK TABLE lock.locks IN ACCESS EXCLUSIVE MODE")
+    try:
+        job = services.job_request(actor=operator, kind="environment_check", environment=unprotected_env.key)
+        wait_for(lambda: Job.objects.get(pk=job.pk).status == JobStatus.RUNNING, what="the job to start")
+        time.sleep(1)
+        celery_worker.kill()
+    finally:
+        blocker.rollback()
+        blocker.close()
+    job.refresh_from_db()
+    assert job.status == JobStatus.RUNNING  # nobody has noticed yet
+
+    settings.JOB_STALE_AFTER_S = 3
+    time.sleep(4)
+    report = services.jobs_sweep()
+    assert job.pk in report.requeued and job.pk in report.redispatched
+    celery_worker.start()
+    job = wait_for(lambda: finished(job.pk), what="the resumed job to finish")
+    assert job.status == JobStatus.SUCCEEDED, job.error
+    assert job.attempts == 2
+    assert job.result["row_counts"]["lock.locks"] == 12
+    assert job.log_lines.filter(message__contains="stopped responding").exists()
