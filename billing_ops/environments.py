@@ -181,6 +181,20 @@ def database_settings(
     }
 
 
+def environment_connect(env: Environment, **overrides: Any) -> Any:
+    """A short-lived psycopg connection to the environment, with exactly the options its
+    Django alias has (timeouts, application_name). For probes and work done in threads,
+    where a connection must never outlive the call; the caller closes it."""
+    import psycopg
+    from django.db import connections
+
+    params = {
+        k: v for k, v in connections[env.alias].get_connection_params().items()
+        if k not in {"cursor_factory", "context", "prepare_threshold"}
+    }
+    return psycopg.connect(**{**params, **overrides})
+
+
 def all_environments() -> list[Environment]:
     """The configured environments, in the file's order."""
     from django.conf import settings

@@ -12,7 +12,7 @@ from django.conf import settings
 from django.db import connections
 from django.db.models import QuerySet
 
-from billing_ops.environments import Environment
+from billing_ops.environments import Environment, environment_connect
 from billing_ops.models import ACTIVE_STATUSES, Job
 
 logger = logging.getLogger(__name__)
@@ -39,17 +39,13 @@ def _describe_error(exc: BaseException) -> str:
 def environment_probe(env: Environment) -> EnvironmentProbe:
     """Connect and ask for the server version; never raises."""
     started = time.monotonic()
-    connection = connections[env.alias]
     try:
-        with connection.cursor() as cursor:
-            cursor.execute("SET statement_timeout = %s", [PROBE_STATEMENT_TIMEOUT_MS])
-            cursor.execute("SELECT current_setting('server_version')")
-            version = cursor.fetchone()[0]
+        with environment_connect(env, autocommit=True) as conn:
+            conn.execute(f"SET statement_timeout = {PROBE_STATEMENT_TIMEOUT_MS:d}")
+            version = conn.execute("SELECT current_setting('server_version')").fetchone()[0]
         return EnvironmentProbe(env, True, round((time.monotonic() - started) * 1000, 1), version)
     except Exception as exc:
         return EnvironmentProbe(env, False, error=_describe_error(exc))
-    finally:
-        connection.close()
 
 
 def run_per_environment(func: Any, envs: list[Environment], *, timeout_s: float) -> dict[str, Any]:

@@ -263,3 +263,7 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": os.environ.get("BILLING_OPS_LOG_LEVEL", "INFO")},
     "loggers": {"django.db.backends": {"level": "WARNING"}},
 }
+
+if TESTING:
+    # Hashing test users' passwords with PBKDF2 would dominate the suite's time.
+    PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

@@ -41,7 +41,7 @@ def overview(request: HttpRequest) -> HttpResponse:
 @require_GET
 def environment_detail(request: HttpRequest, env_key: str) -> HttpResponse:
     env = access.get_environment_for_user(request.user, env_key)
-    probe = selectors.environment_probe(env)
+    probe = selectors.environments_probe([env])[0]
     schema = statuses = None
     if probe.reachable:
         schema = selectors.contract_schema_status(env)

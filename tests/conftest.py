@@ -227,3 +227,39 @@ def free_port_for_tests() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def extra_environment(settings: Any) -> Any:
+    """Add an environment at run time (as a config change would): returns a factory."""
+    from billing_ops.environments import database_settings, parse_database_url
+
+    added: list[str] = []
+
+    def add(key: str, url: str, *, label: str | None = None, protected: bool = False) -> Environment:
+        conninfo = parse_database_url(url, where=key)
+        env = Environment(key=key, label=label or key, url=url, protected=protected, conninfo=conninfo)
+        settings.ENVIRONMENTS = {**settings.ENVIRONMENTS, key: env}
+        raw = {env.alias: database_settings(conninfo, application_name=f"billing-ops test env={key}",
+                                            connect_timeout_s=settings.CONNECT_TIMEOUT_S)}
+        raw["default"] = connections.settings["default"]
+        connections.settings[env.alias] = connections.configure_settings(raw)[env.alias]
+        added.append(env.alias)
+        return env
+
+    yield add
+    for alias in added:
+        connections[alias].close()
+        del connections.settings[alias]
+
+
+@pytest.fixture
+def blackhole_port() -> Iterator[int]:
+    """A port that accepts TCP connections but never answers: a hung server."""
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    yield int(sock.getsockname()[1])
+    sock.close()

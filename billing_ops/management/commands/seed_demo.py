@@ -1,0 +1,59 @@
+"""Build the demo environments and the demo logins (`make run` calls this on every start).
+
+An environment already holding the current seed is left alone, so restarting the demo
+keeps whatever operators did in it; ``--reset`` rebuilds it from scratch. Only
+environments marked ``demo = true`` are touched. The logic is in ``billing_ops.demo``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from billing_ops.demo import SeedResult, demo_users_ensure, seed_environment
+from billing_ops.environments import UnknownEnvironment, all_environments, get_environment
+
+
+class Command(BaseCommand):
+    help = "Seed the demo environments (demo = true) and, in demo mode, the demo users."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--reset", action="store_true", help="Rebuild even if already seeded.")
+        parser.add_argument(
+            "--env",
+            action="append",
+            dest="env_keys",
+            metavar="KEY",
+            help="Seed only this environment (repeatable). Default: all of them.",
+        )
+
+    def handle(self, *args: Any, reset: bool, env_keys: list[str] | None, **options: Any) -> None:
+        try:
+            envs = [get_environment(key) for key in env_keys] if env_keys else all_environments()
+        except UnknownEnvironment as exc:
+            raise CommandError(str(exc)) from None
+        for env in envs:
+            self.stdout.write(self._describe(seed_environment(env, reset=reset)))
+
+        if not settings.DEMO_MODE:
+            self.stdout.write("demo users: skipped (BILLING_OPS_DEMO is off)")
+            return
+        try:
+            users = demo_users_ensure()
+        except RuntimeError as exc:
+            raise CommandError(str(exc)) from None
+        changes = [f"created {', '.join(users.created)}"] if users.created else []
+        changes += [f"updated {', '.join(users.updated)}"] if users.updated else []
+        self.stdout.write(f"demo users: {'; '.join(changes) or 'unchanged'} (passwords in {users.path})")
+
+    def _describe(self, result: SeedResult) -> str:
+        head = f"{result.env.key} ({result.env.label}): {result.outcome}"
+        if result.outcome == "skipped":
+            return f"{head}: {result.message}"
+        return (
+            f"{head}: {result.runs:,} runs, {result.locks:,} locks, {result.stuck_runs:,} completed runs "
+            f"holding locks, {result.invoice_lines:,} invoice lines, {result.audit_rows:,} audit rows "
+            f"in {result.elapsed_s:.1f} s"
+        )

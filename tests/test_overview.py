@@ -1,0 +1,71 @@
+"""The overview and /healthz with environments that are down or hung."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from django.test import Client
+
+from tests.conftest import free_port_for_tests
+
+pytestmark = pytest.mark.django_db(databases="__all__")
+
+
+def test_the_overview_shows_every_environment(client_for, viewer, unprotected_env) -> None:
+    response = client_for(viewer).get("/")
+    assert response.status_code == 200
+    page = response.content.decode()
+    for probe in response.context["probes"]:
+        assert f'data-env="{probe.env.key}"' in page
+        assert probe.reachable, probe.error
+    assert "Queue check" not in page  # viewers get no action
+
+
+def test_an_unreachable_environment_is_marked_and_the_others_render(client_for, viewer, extra_environment,
+                                                                    unprotected_env) -> None:
+    down = extra_environment("down", f"postgresql://nobody:secret-pw@127.0.0.1:{free_port_for_tests()}/phoenix",
+                             label="Down")
+    response = client_for(viewer).get("/")
+    assert response.status_code == 200
+    probes = {p.env.key: p for p in response.context["probes"]}
+    assert not probes["down"].reachable and "Connection refused" in probes["down"].error
+    assert probes[unprotected_env.key].reachable
+    page = response.content.decode()
+    assert "Unreachable" in page and "secret-pw" not in page
+    assert client_for(viewer).get(f"/environments/{down.key}/").status_code == 200
+
+
+def test_a_hung_environment_costs_no_more_than_its_timeout(client_for, viewer, extra_environment,
+                                                           blackhole_port, settings, unprotected_env) -> None:
+    settings.CONNECT_TIMEOUT_S = 2
+    extra_environment("hung", f"postgresql://x@127.0.0.1:{blackhole_port}/phoenix")
+    started = time.monotonic()
+    response = client_for(viewer).get("/")
+    elapsed = time.monotonic() - started
+    probes = {p.env.key: p for p in response.context["probes"]}
+    assert not probes["hung"].reachable and probes[unprotected_env.key].reachable
+    # bounded by the environment's own timeouts (connect 2 s + probe 2 s + margin), not more
+    assert elapsed < 2 + 2 + 3, elapsed
+
+
+def test_healthz_reports_each_dependency_without_login(extra_environment, celery_worker) -> None:
+    extra_environment("down", f"postgresql://x:pw@127.0.0.1:{free_port_for_tests()}/phoenix")
+    response = Client().get("/healthz")
+    report = json.loads(response.content)
+    assert report["default_database"]["ok"] is True
+    assert report["redis"]["ok"] is True
+    assert any(w["name"] == celery_worker.name for w in report["workers"])
+    assert report["environments"]["down"]["reachable"] is False
+    assert report["environments"]["down"]["error"]
+    assert all(e["reachable"] for k, e in report["environments"].items() if k != "down")
+    assert response.status_code == 200 and report["ok"] is True
+    assert "pw@" not in response.content.decode()
+
+
+def test_healthz_says_503_when_redis_is_down(settings) -> None:
+    settings.REDIS_URL = f"redis://127.0.0.1:{free_port_for_tests()}/0"
+    response = Client().get("/healthz")
+    assert response.status_code == 503
+    assert json.loads(response.content)["redis"]["ok"] is False

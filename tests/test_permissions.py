@@ -1,0 +1,177 @@
+"""Every URL x anonymous / no role / viewer / operator / approver, checked against the database.
+
+The matrix must name every URL pattern: adding a view without adding it here fails
+test_the_matrix_covers_every_url.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from django.contrib.auth.models import User
+from django.test import Client
+from django.urls import URLPattern, URLResolver, get_resolver
+
+from billing_ops import services
+from billing_ops.models import Job, JobStatus
+from tests.conftest import make_user
+
+pytestmark = pytest.mark.django_db(databases="__all__")
+
+ROLES = ("anonymous", "nobody", "viewer", "operator", "approver")
+READ_ONLY = {"anonymous": "login", "nobody": 403, "viewer": 200, "operator": 200, "approver": 200}
+
+# url name -> (method, expected outcome per role). "login" = redirect to the login page.
+MATRIX: dict[str, tuple[str, dict[str, Any]]] = {
+    "overview": ("GET", READ_ONLY),
+    "environment_detail": ("GET", READ_ONLY),
+    "job_list": ("GET", READ_ONLY),
+    "approval_list": ("GET", READ_ONLY),
+    "job_detail": ("GET", READ_ONLY),
+    "job_status": ("GET", READ_ONLY),
+    "environment_check_request": ("POST", {"anonymous": "login", "nobody": 403, "viewer": 403,
+                                           "operator": 302, "approver": 403}),
+    "job_approve": ("POST", {"anonymous": "login", "nobody": 403, "viewer": 403, "operator": 403,
+                             "approver": 302}),
+    "job_refuse": ("POST", {"anonymous": "login", "nobody": 403, "viewer": 403, "operator": 403,
+                            "approver": 302}),
+    "job_cancel": ("POST", {"anonymous": "login", "nobody": 403, "viewer": 403, "operator": 403,
+                            "approver": 302}),
+    "login": ("GET", {"anonymous": 200, "nobody": 302, "viewer": 302, "operator": 302, "approver": 302}),
+    "logout": ("POST", {"anonymous": 302, "nobody": 302, "viewer": 302, "operator": 302, "approver": 302}),
+    "healthz": ("GET", {"anonymous": (200, 503), "nobody": (200, 503), "viewer": (200, 503),
+                        "operator": (200, 503), "approver": (200, 503)}),
+}
+
+
+def all_url_names() -> set[str]:
+    names: set[str] = set()
+
+    def walk(patterns: list[Any]) -> None:
+        for p in patterns:
+            if isinstance(p, URLResolver):
+                walk(p.url_patterns)
+            elif isinstance(p, URLPattern) and p.name:
+                names.add(p.name)
+
+    walk(get_resolver().url_patterns)
+    return names
+
+
+def test_the_matrix_covers_every_url() -> None:
+    assert all_url_names() == set(MATRIX)
+
+
+@pytest.fixture
+def people(db: None) -> dict[str, User | None]:
+    return {
+        "anonymous": None,
+        "nobody": make_user("nobody1"),
+        "viewer": make_user("viewer1", "Viewer"),
+        "operator": make_user("operator1", "Operator"),
+        "approver": make_user("approver1", "Approver"),
+    }
+
+
+def waiting_job(requester: User, env_key: str) -> Job:
+    """A job awaiting approval, requested by someone other than the approver under test."""
+    job = services.job_request(actor=requester, kind="environment_check", environment=env_key)
+    Job.objects.filter(pk=job.pk).update(status=JobStatus.AWAITING_APPROVAL)
+    job.refresh_from_db()
+    return job
+
+
+@pytest.mark.parametrize("role", ROLES)
+@pytest.mark.parametrize("name", sorted(MATRIX))
+def test_permission_matrix(name: str, role: str, people, unprotected_env, django_capture_on_commit_callbacks) -> None:
+    method, expected_by_role = MATRIX[name]
+    expected = expected_by_role[role]
+    requester = make_user("requester", "Operator")
+    job = waiting_job(requester, unprotected_env.key)
+    if name == "job_cancel" and role == "operator":
+        pass  # someone else's job: an operator may cancel only their own (tested below)
+    kwargs = {"job_id": job.pk} if name.startswith("job_") and name not in ("job_list",) else {}
+    if name == "environment_detail":
+        kwargs = {"env_key": unprotected_env.key}
+    from django.urls import reverse
+
+    url = reverse(name, kwargs=kwargs)
+    client = Client()
+    if people[role] is not None:
+        client.force_login(people[role])
+    data: dict[str, str] = {}
+    if name == "environment_check_request":
+        data = {"environment": unprotected_env.key}
+    if name in ("job_approve", "job_refuse"):
+        data = {"digest": job.params_digest, "comment": "ok"}
+    jobs_before = Job.objects.count()
+    with django_capture_on_commit_callbacks(execute=False):
+        response = client.get(url) if method == "GET" else client.post(url, data)
+
+    if expected == "login":
+        assert response.status_code == 302 and response["Location"].startswith("/login/")
+    elif isinstance(expected, tuple):
+        assert response.status_code in expected
+    else:
+        assert response.status_code == expected, response.content[:500]
+
+    job.refresh_from_db()
+    allowed = expected in (200, 302) and role not in ("anonymous",)
+    if name == "environment_check_request":
+        assert Job.objects.count() == jobs_before + (1 if allowed else 0)
+        if allowed:
+            assert Job.objects.latest("pk").requested_by == people[role]
+    elif name == "job_approve":
+        assert job.status == (JobStatus.QUEUED if allowed else JobStatus.AWAITING_APPROVAL)
+        assert job.approved_by == (people[role] if allowed else None)
+    elif name == "job_refuse":
+        assert job.status == (JobStatus.REFUSED if allowed else JobStatus.AWAITING_APPROVAL)
+    elif name == "job_cancel":
+        assert job.status == (JobStatus.CANCELLED if allowed else JobStatus.AWAITING_APPROVAL)
+    else:
+        assert Job.objects.count() == jobs_before
+        assert job.status == JobStatus.AWAITING_APPROVAL
+
+
+def test_an_operator_cancels_their_own_job_over_http(people, unprotected_env, django_capture_on_commit_callbacks):
+    client = Client()
+    client.force_login(people["operator"])
+    with django_capture_on_commit_callbacks(execute=False):
+        client.post("/jobs/environment-check/", {"environment": unprotected_env.key})
+    job = Job.objects.latest("pk")
+    response = client.post(f"/jobs/{job.pk}/cancel/")
+    assert response.status_code == 302
+    assert Job.objects.get(pk=job.pk).status == JobStatus.CANCELLED
+
+
+def test_a_direct_post_cannot_approve_ones_own_request(unprotected_env, django_capture_on_commit_callbacks):
+    admin = make_user("admin1", "Operator", "Approver")
+    job = waiting_job(admin, unprotected_env.key)
+    client = Client()
+    client.force_login(admin)
+    response = client.post(f"/jobs/{job.pk}/approve/", {"digest": job.params_digest})
+    assert response.status_code == 403
+    job.refresh_from_db()
+    assert job.status == JobStatus.AWAITING_APPROVAL and job.approved_by is None
+
+
+def test_a_replayed_approval_changes_nothing(people, unprotected_env, django_capture_on_commit_callbacks):
+    job = waiting_job(make_user("requester", "Operator"), unprotected_env.key)
+    client = Client()
+    client.force_login(people["approver"])
+    with django_capture_on_commit_callbacks(execute=False):
+        first = client.post(f"/jobs/{job.pk}/approve/", {"digest": job.params_digest})
+        second = client.post(f"/jobs/{job.pk}/approve/", {"digest": job.params_digest}, follow=True)
+    assert first.status_code == 302
+    assert "not awaiting approval" in second.content.decode()
+    assert Job.objects.get(pk=job.pk).status == JobStatus.QUEUED
+
+
+def test_an_unknown_environment_is_a_404_not_a_500(people) -> None:
+    client = Client()
+    client.force_login(people["viewer"])
+    assert client.get("/environments/nope/").status_code == 404
+    client.force_login(people["operator"])
+    response = client.post("/jobs/environment-check/", {"environment": "nope"})
+    assert response.status_code == 302 and Job.objects.count() == 0
