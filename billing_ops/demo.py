@@ -48,6 +48,7 @@ from django.db import connections, transaction
 from audit.chain import HASH_SCHEME, entry_hash
 from billing_ops.contract import contract_schema_apply, contract_schema_drop
 from billing_ops.environments import Environment
+from billing_ops.services import roles_ensure
 
 # Bump when the data changes shape: an environment carrying another marker is rebuilt.
 SEED_MARKER = "billing-ops demo seed v1"
@@ -127,6 +128,8 @@ DEV_RUNNING_RUNS = 40
 DEV_TOTAL_LOCKS = 1_000_000
 DEV_STALE_RUNS = ((timedelta(days=6), 2_350), (timedelta(days=3), 780))
 DEV_GENERATED_WITH_LOCKS = (420, 96, 12)
+DEV_GENERATED_USER_LOCKS = 30  # on the first of them
+DEV_DRAFT_STAGE_SHARE = 0.06  # of the small stuck runs: the procedure raised, stage still DRAFT
 DEV_USER_LOCKS = 12
 
 DEMO_USERS: dict[str, tuple[str, ...]] = {
@@ -194,10 +197,15 @@ class SeedResult:
     message: str = ""
 
 
+def _rng(label: str) -> random.Random:
+    # Seeded, hence the same demo every time; nothing here is a secret.
+    return random.Random(f"billing-ops demo: {label}")  # noqa: S311
+
+
 def _history(
     rng: random.Random, *, first_id: int, count: int, end: datetime, step: timedelta
 ) -> list[DemoRun]:
-    """Finished runs, one every `step` up to `end`, ids rising with time."""
+    """Past runs, one about every `step` up to `end`, ids rising with time; most COMPLETED."""
     statuses = ("COMPLETED", "GENERATED", "CANCELLED", "FAILED", "DRAFT")
     weights = (90, 4, 2.5, 2, 1.5)
     jitter_s = int(step.total_seconds() / 3)
@@ -226,9 +234,7 @@ def _completed_since(runs: list[DemoRun], since: datetime) -> list[DemoRun]:
     return [r for r in runs if r.status == "COMPLETED" and not r.lock_count and r.create_date >= since]
 
 
-def _running(
-    rng: random.Random, *, first_id: int, now: datetime, lock_counts: list[int]
-) -> list[DemoRun]:
+def _running(rng: random.Random, *, first_id: int, now: datetime, lock_counts: list[int]) -> list[DemoRun]:
     """Runs in accounting right now: they hold locks legitimately (recent modify_date)."""
     runs = []
     for n, locks in enumerate(lock_counts):
@@ -244,7 +250,9 @@ def _running(
             )
         )
     # ids rise with create_date, as the platform's sequence would have it
-    for run, run_id in zip(sorted(runs, key=lambda r: r.create_date), range(first_id, first_id + len(runs))):
+    for run, run_id in zip(
+        sorted(runs, key=lambda r: r.create_date), range(first_id, first_id + len(runs)), strict=True
+    ):
         run.id = run_id
     return runs
 
@@ -262,7 +270,7 @@ def _user_locks(count: int, start: datetime, end: datetime) -> LooseLocks:
 
 
 def plan_test(now: datetime) -> DemoPlan:
-    rng = random.Random("billing-ops demo: test")
+    rng = _rng("test")
     stuck_at = datetime(2025, 12, 22, 11, 2, 8, tzinfo=UTC)
     # Every 10 hours, with run 1620 landing on its real date.
     step = timedelta(hours=10)
@@ -274,8 +282,10 @@ def plan_test(now: datetime) -> DemoPlan:
     stuck.status, stuck.process_stage, stuck.billing_number = "COMPLETED", "DRAFT", TEST_STUCK_RUN_NUMBER
     stuck.create_date, stuck.modify_date = stuck_at, stuck_at + timedelta(seconds=20)
     stuck.lock_count = TEST_STUCK_RUN_LOCKS
-    others = sorted(rng.sample(_completed_since(runs, datetime(2025, 12, 1, tzinfo=UTC)), 5), key=lambda r: r.id)
-    for run, locks in zip(others, TEST_OTHER_STUCK_LOCKS):
+    others = sorted(
+        rng.sample(_completed_since(runs, datetime(2025, 12, 1, tzinfo=UTC)), 5), key=lambda r: r.id
+    )
+    for run, locks in zip(others, TEST_OTHER_STUCK_LOCKS, strict=True):
         run.lock_count = locks
     return DemoPlan(
         runs=runs,
@@ -290,37 +300,56 @@ def plan_test(now: datetime) -> DemoPlan:
 
 
 def plan_dev(now: datetime) -> DemoPlan:
-    rng = random.Random("billing-ops demo: dev")
+    rng = _rng("dev")
     first_id, count = 20_001, 20_000
     runs = _history(rng, first_id=first_id, count=count, end=HISTORY_END, step=timedelta(minutes=26))
     worst_days = (datetime(2025, 11, 20, 5, 40, tzinfo=UTC), datetime(2025, 12, 2, 1, 15, tzinfo=UTC))
-    for (number, locks), when in zip(DEV_WORST_RUNS, worst_days):
+    for (number, locks), when in zip(DEV_WORST_RUNS, worst_days, strict=True):
         run = _run_at(runs, when)
-        run.status, run.process_stage, run.billing_number, run.lock_count = "COMPLETED", "ACCOUNTING", number, locks
+        run.status, run.process_stage, run.billing_number, run.lock_count = (
+            "COMPLETED",
+            "ACCOUNTING",
+            number,
+            locks,
+        )
         run.create_date, run.modify_date = when, when + timedelta(minutes=47)
-    small = sorted(rng.sample(_completed_since(runs, UNLOCK_BUG_SINCE), DEV_SMALL_STUCK_RUNS), key=lambda r: r.id)
+    small = sorted(
+        rng.sample(_completed_since(runs, UNLOCK_BUG_SINCE), DEV_SMALL_STUCK_RUNS), key=lambda r: r.id
+    )
     for run in small:
         run.lock_count = rng.randint(1, DEV_SMALL_STUCK_MAX_LOCKS)
-        if rng.random() < 0.06:
+        if rng.random() < DEV_DRAFT_STAGE_SHARE:
             run.process_stage = "DRAFT"  # the procedure raised: the run was never made real
     # Some runs hold user locks beside their system locks (for the system-locks-only unlock).
     for run in [r for r in small if r.lock_count >= 6][:DEV_MIXED_LOCK_RUNS]:
         run.user_lock_count = run.lock_count // 3
     # The error path sets GENERATED and releases nothing.
-    failed = sorted(rng.sample(_completed_since(runs, UNLOCK_BUG_SINCE), len(DEV_GENERATED_WITH_LOCKS)),
-                    key=lambda r: r.id)
-    for run, locks in zip(failed, DEV_GENERATED_WITH_LOCKS):
+    failed = sorted(
+        rng.sample(_completed_since(runs, UNLOCK_BUG_SINCE), len(DEV_GENERATED_WITH_LOCKS)),
+        key=lambda r: r.id,
+    )
+    for run, locks in zip(failed, DEV_GENERATED_WITH_LOCKS, strict=True):
         run.status, run.process_stage, run.lock_count = "GENERATED", "DRAFT", locks
-    failed[0].user_lock_count = 30
+    failed[0].user_lock_count = DEV_GENERATED_USER_LOCKS
     # The accounting thread died: IN_PROGRESS_ACCOUNTING, but untouched for days.
     next_id = first_id + count
     for age, locks in DEV_STALE_RUNS:
         started = now - age - timedelta(minutes=rng.randint(10, 50))
-        runs.append(DemoRun(id=next_id, create_date=started, modify_date=now - age,
-                            status="IN_PROGRESS_ACCOUNTING", process_stage="DRAFT", lock_count=locks))
+        runs.append(
+            DemoRun(
+                id=next_id,
+                create_date=started,
+                modify_date=now - age,
+                status="IN_PROGRESS_ACCOUNTING",
+                process_stage="DRAFT",
+                lock_count=locks,
+            )
+        )
         next_id += 1
     held = sum(r.lock_count for r in runs) + DEV_USER_LOCKS
-    runs += _running(rng, first_id=next_id, now=now, lock_counts=_split(DEV_TOTAL_LOCKS - held, DEV_RUNNING_RUNS, rng))
+    runs += _running(
+        rng, first_id=next_id, now=now, lock_counts=_split(DEV_TOTAL_LOCKS - held, DEV_RUNNING_RUNS, rng)
+    )
     return DemoPlan(
         runs=runs,
         loose_locks=[_user_locks(DEV_USER_LOCKS, datetime(2025, 10, 1, tzinfo=UTC), HISTORY_END)],
@@ -334,7 +363,7 @@ def plan_dev(now: datetime) -> DemoPlan:
 
 
 def plan_dev2(now: datetime) -> DemoPlan:
-    rng = random.Random("billing-ops demo: dev2")
+    rng = _rng("dev2")
     runs = _history(rng, first_id=5_001, count=4_000, end=HISTORY_END, step=timedelta(minutes=60))
     return DemoPlan(
         runs=runs,
@@ -344,7 +373,7 @@ def plan_dev2(now: datetime) -> DemoPlan:
 
 
 def plan_preprod(now: datetime) -> DemoPlan:
-    rng = random.Random("billing-ops demo: preprod")
+    rng = _rng("preprod")
     runs = _history(rng, first_id=7_001, count=6_000, end=HISTORY_END, step=timedelta(minutes=45))
     runs += _running(rng, first_id=13_001, now=now, lock_counts=[2_600, 940])
     return DemoPlan(
@@ -356,7 +385,7 @@ def plan_preprod(now: datetime) -> DemoPlan:
 
 
 def plan_prod(now: datetime) -> DemoPlan:
-    rng = random.Random("billing-ops demo: prod")
+    rng = _rng("prod")
     runs = _history(rng, first_id=100_001, count=25_000, end=HISTORY_END, step=timedelta(minutes=20))
     runs += _running(rng, first_id=125_001, now=now, lock_counts=[12_400, 4_750, 830])
     return DemoPlan(
@@ -372,7 +401,7 @@ def plan_prod(now: datetime) -> DemoPlan:
 
 def plan_clean(now: datetime, *, key: str) -> DemoPlan:
     """Any other demo environment a deployment adds: healthy, nothing stuck."""
-    rng = random.Random(f"billing-ops demo: {key}")
+    rng = _rng(key)
     return DemoPlan(
         runs=_history(rng, first_id=1, count=2_000, end=HISTORY_END, step=timedelta(hours=2)),
         upsert_run_id=f"seed-20260112-{key}-fix1",
@@ -422,17 +451,17 @@ def _wall(value: datetime) -> datetime:
 
 def _demo_uuid(env_key: str, kind: str, n: int) -> uuid.UUID:
     # The same formula as the SQL below: md5(env || ':' || kind || ':' || n)::uuid.
-    return uuid.UUID(hashlib.md5(f"{env_key}:{kind}:{n}".encode()).hexdigest())
+    return uuid.UUID(hashlib.md5(f"{env_key}:{kind}:{n}".encode(), usedforsecurity=False).hexdigest())
 
 
 @contextmanager
 def _indexes_rebuilt_after(cursor: Any, table: str) -> Iterator[None]:
     """Drop `table`'s indexes (and the constraints they back) and build them again after.
 
-    Maintaining a b-tree on a random text key row by row costs several times more than
-    building it once from sorted input: for Dev's million locks that is the bulk of the
-    seed. The definitions are read back from the catalog, so the contract schema file
-    stays the only place they are written down.
+    Maintaining a b-tree on a random text key (the md5-derived lock ids) row by row costs
+    far more than building it once at the end: for Dev's million locks about 10 s against
+    6 s on a 2-core machine. The definitions are read back from the catalog, so the
+    contract schema file stays the only place they are written down.
     """
     cursor.execute(
         """
@@ -465,7 +494,14 @@ def _insert_runs(cursor: Any, runs: list[DemoRun]) -> None:
     with cursor.copy(f"COPY billing.billings ({columns}) FROM STDIN") as copy:
         for r in runs:
             copy.write_row(
-                (r.id, r.billing_number, r.status, r.process_stage, _wall(r.create_date), _wall(r.modify_date))
+                (
+                    r.id,
+                    r.billing_number,
+                    r.status,
+                    r.process_stage,
+                    _wall(r.create_date),
+                    _wall(r.modify_date),
+                )
             )
 
 
@@ -498,12 +534,14 @@ def _insert_locks(cursor: Any, env: Environment, plan: DemoPlan) -> None:
         SELECT md5(%(env)s || ':lock:' || s.ordinal)::uuid::text,
                s.entity_type || ':' || s.entity_id, s.entity_type, s.entity_id, s.billing_id,
                s.i > s.user_locks,
-               -- spread over the holder's life: between the run's create and modify dates
-               s.created_from + (s.created_to - s.created_from) * ((s.i - 1)::float8 / greatest(s.n - 1, 1))
+               -- spread over the holder's life, between the run's create and modify dates
+               date_trunc('milliseconds', s.created_from
+                   + (s.created_to - s.created_from) * ((s.i - 1)::float8 / greatest(s.n - 1, 1)))
           FROM (
                 SELECT p.billing_id, p.n, p.user_locks, p.created_from, p.created_to, i,
                        p.first_ordinal + i AS ordinal,
-                       p.types[1 + ((p.first_ordinal + i) * %(stride)s) %% cardinality(p.types)] AS entity_type,
+                       p.types[1 + ((p.first_ordinal + i) * %(stride)s) %% cardinality(p.types)]
+                           AS entity_type,
                        (%(id_base)s + p.first_ordinal + i)::text AS entity_id
                   FROM (
                         SELECT plan.*, string_to_array(plan.types_csv, ',') AS types,
@@ -540,8 +578,8 @@ def _insert_invoice_lines(cursor: Any, env: Environment, count: int) -> None:
     units = max(1, -(-invoices // INVOICE_MONTHS))
     cursor.execute(
         r"""
-        INSERT INTO public.invoice_lines
-               (id, invoice_id, unit_id, line_type, description, normalized_description, quantity, amount, created_at)
+        INSERT INTO public.invoice_lines (id, invoice_id, unit_id, line_type, description,
+                                          normalized_description, quantity, amount, created_at)
         SELECT id, invoice_id, unit_id, line_type, description,
                regexp_replace(lower(trim(description)), '\s+', ' ', 'g'),
                quantity, round(quantity * unit_price, 2), created_at
@@ -567,8 +605,8 @@ def _insert_invoice_lines(cursor: Any, env: Environment, count: int) -> None:
                                       'Excise tax', 'Meter service fee'])[1 + n %% 5] AS base
                           FROM generate_series(0, %(count)s - 1) AS n
                          CROSS JOIN LATERAL (
-                               SELECT timestamp '2025-01-01' + ((n / 5) / %(units)s %% %(months)s) * interval '1 month'
-                                      AS month
+                               SELECT timestamp '2025-01-01'
+                                      + ((n / 5) / %(units)s %% %(months)s) * interval '1 month' AS month
                                ) m
                        ) g
                ) l
@@ -612,6 +650,8 @@ def _insert_audit_trail(cursor: Any, env: Environment, plan: DemoPlan, rng: rand
     inserted = [_demo_uuid(env.key, "line", n) for n in range(total - plan.upsert_inserts, total)]
     # Earlier ENERGY lines (every fifth line) that the run corrected.
     updated = [_demo_uuid(env.key, "line", 5 * (37 * k + 11)) for k in range(plan.upsert_updates)]
+    if set(inserted) & set(updated) or len(updated) + len(inserted) > total:
+        raise ValueError(f"{env.key}: too few invoice lines for the demo upsert run")
     cursor.execute(
         """
         SELECT id::text, invoice_id, unit_id, line_type, description, quantity::text, amount::text
@@ -629,14 +669,18 @@ def _insert_audit_trail(cursor: Any, env: Environment, plan: DemoPlan, rng: rand
         old["quantity"] = f"{Decimal(new['quantity']) - Decimal('1.5'):.6f}"
         old["amount"] = f"{Decimal(new['amount']) - Decimal('0.28'):.2f}"
         at = UPSERT_RUN_AT + timedelta(microseconds=UPSERT_ROW_SPACING_US * k)
-        rows.append(_AuditRow(UPSERT_ACTION, str(line_id), old, {**base, "operation": "update", **new}, at, True))
+        new_data = {**base, "operation": "update", **new}
+        rows.append(_AuditRow(UPSERT_ACTION, str(line_id), old, new_data, at, ours=True))
     for k, line_id in enumerate(inserted, start=len(updated)):
         new = _line_values(lines[str(line_id)])
         at = UPSERT_RUN_AT + timedelta(microseconds=UPSERT_ROW_SPACING_US * k)
-        rows.append(_AuditRow(UPSERT_ACTION, str(line_id), None, {**base, "operation": "insert", **new}, at, True))
+        new_data = {**base, "operation": "insert", **new}
+        rows.append(_AuditRow(UPSERT_ACTION, str(line_id), None, new_data, at, ours=True))
     run_rows = len(rows)
 
-    cursor.execute("SELECT DISTINCT invoice_id FROM public.invoice_lines ORDER BY 1 LIMIT %s", [plan.other_audit_rows])
+    cursor.execute(
+        "SELECT DISTINCT invoice_id FROM public.invoice_lines ORDER BY 1 LIMIT %s", [plan.other_audit_rows]
+    )
     invoices = [row[0] for row in cursor.fetchall()]
     span = (AUDIT_HISTORY_END - AUDIT_HISTORY_START) / max(plan.other_audit_rows, 1)
     other_times = [
@@ -648,7 +692,7 @@ def _insert_audit_trail(cursor: Any, env: Environment, plan: DemoPlan, rng: rand
         UPSERT_RUN_AT + timedelta(microseconds=UPSERT_ROW_SPACING_US * (run_rows * (k + 1) // 3) + 850)
         for k in range(INTERLEAVED_OTHER_ROWS)
     ]
-    for at, invoice_id in zip(other_times, invoices):
+    for at, invoice_id in zip(other_times, invoices, strict=True):
         old_amount = rng.randint(2_000, 90_000) / 100
         rows.append(
             _AuditRow(
@@ -657,7 +701,7 @@ def _insert_audit_trail(cursor: Any, env: Environment, plan: DemoPlan, rng: rand
                 {"amount": old_amount},
                 {"amount": round(old_amount - rng.randint(1, 900) / 100, 2), "reason": "tariff correction"},
                 at,
-                False,
+                ours=False,
             )
         )
 
@@ -665,9 +709,8 @@ def _insert_audit_trail(cursor: Any, env: Environment, plan: DemoPlan, rng: rand
     if len({r.created_at for r in rows}) != len(rows):
         raise RuntimeError("demo audit rows share a created_at: the chain order would be ambiguous")
     previous: str | None = None
-    with cursor.copy(
-        "COPY public.audit_logs (action, record_id, old_data, new_data, hash, previous_hash, created_at) FROM STDIN"
-    ) as copy:
+    columns = "action, record_id, old_data, new_data, hash, previous_hash, created_at"
+    with cursor.copy(f"COPY public.audit_logs ({columns}) FROM STDIN") as copy:
         for r in rows:
             if r.ours:
                 digest = entry_hash(
@@ -717,9 +760,7 @@ $$;
 
 
 def _seed_marker(cursor: Any) -> str | None:
-    cursor.execute(
-        "SELECT obj_description(oid, 'pg_namespace') FROM pg_namespace WHERE nspname = 'billing'"
-    )
+    cursor.execute("SELECT obj_description(oid, 'pg_namespace') FROM pg_namespace WHERE nspname = 'billing'")
     row = cursor.fetchone()
     return row[0] if row else None
 
@@ -745,7 +786,7 @@ def seed_environment(env: Environment, *, reset: bool = False, now: datetime | N
     started = time.monotonic()
     if not env.demo:
         return SeedResult(env, "skipped", 0.0, message="not marked demo = true in the environments file")
-    now = now or datetime.now(UTC)
+    now = (now or datetime.now(UTC)).replace(microsecond=0)
     with transaction.atomic(using=env.alias), connections[env.alias].cursor() as cursor:
         cursor.execute("SET LOCAL statement_timeout = %s", [SEED_STATEMENT_TIMEOUT_MS])
         cursor.execute("SELECT pg_advisory_xact_lock(%s)", [SEED_ADVISORY_LOCK_KEY])
@@ -762,7 +803,7 @@ def seed_environment(env: Environment, *, reset: bool = False, now: datetime | N
         with _indexes_rebuilt_after(cursor, "lock.locks"):
             _insert_locks(cursor, env, plan)
         _insert_invoice_lines(cursor, env, plan.invoice_lines)
-        _insert_audit_trail(cursor, env, plan, random.Random(f"billing-ops demo audit: {env.key}"))
+        _insert_audit_trail(cursor, env, plan, _rng(f"{env.key} audit"))
         for table in ("billing.billings", "lock.locks", "public.invoice_lines", "public.audit_logs"):
             # Fresh tables have no statistics until autovacuum comes by; the dashboard's
             # first queries should not be planned blind.
@@ -813,20 +854,17 @@ def demo_users_ensure(*, var_dir: Path | None = None) -> DemoUsersResult:
     for role in DEMO_USERS:
         entry = stored.get(role)
         password = entry.get("password") if isinstance(entry, dict) else None
-        accounts[role] = {"username": role, "password": password or secrets.token_urlsafe(DEMO_PASSWORD_BYTES)}
+        password = password or secrets.token_urlsafe(DEMO_PASSWORD_BYTES)
+        accounts[role] = {"username": role, "password": password}
     if accounts != stored:
         _write_private_json(path, accounts)
     elif path.stat().st_mode & 0o077:
         path.chmod(0o600)
 
-    missing = set().union(*DEMO_USERS.values()) - set(
-        Group.objects.filter(name__in=set().union(*DEMO_USERS.values())).values_list("name", flat=True)
-    )
-    if missing:
-        raise RuntimeError(f"groups {', '.join(sorted(missing))} are missing: run `manage.py migrate` first")
     user_model = get_user_model()
     created, updated = [], []
     with transaction.atomic():
+        roles_ensure()  # migration 0002 made them, unless the tables were flushed since
         for role, group_names in DEMO_USERS.items():
             account = accounts[role]
             user, was_created = user_model.objects.get_or_create(username=account["username"])

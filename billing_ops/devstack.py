@@ -36,6 +36,8 @@ from urllib.parse import quote
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("BILLING_OPS_VAR_DIR", BASE_DIR / "var"))
+# pgserver's module wants a runtime directory at import; give it one of ours.
+os.environ.setdefault("XDG_RUNTIME_DIR", str(VAR_DIR / "run"))
 DEMO_ENVIRONMENTS_FILE = BASE_DIR / "environments.demo.toml"
 DEFAULT_DB_NAME = "billing_ops"
 PG_SYSTEM_USER = "pgserver"  # PostgreSQL refuses to run as root; the pgserver wheel's convention

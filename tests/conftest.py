@@ -41,6 +41,11 @@ def django_db_setup(django_test_environment: None, django_db_blocker: Any) -> It
             contract_schema_apply(env)
     yield
     with django_db_blocker.unblock():
+        names = [connections[alias].settings_dict["NAME"] for alias in connections]
+        with connections["default"].cursor() as cursor:
+            # The live server's thread and stopped workers may leave sessions behind.
+            cursor.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                           "WHERE datname = ANY(%s) AND pid <> pg_backend_pid()", [names])
         for alias in connections:
             connections[alias].close()
         teardown_databases(config, verbosity=0)

@@ -11,6 +11,7 @@ from typing import Any
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import DatabaseError
 
 from billing_ops.demo import SeedResult, demo_users_ensure, seed_environment
 from billing_ops.environments import UnknownEnvironment, all_environments, get_environment
@@ -34,19 +35,27 @@ class Command(BaseCommand):
             envs = [get_environment(key) for key in env_keys] if env_keys else all_environments()
         except UnknownEnvironment as exc:
             raise CommandError(str(exc)) from None
+        failed = []
         for env in envs:
-            self.stdout.write(self._describe(seed_environment(env, reset=reset)))
+            # One unreachable environment must not keep the others from being seeded.
+            try:
+                result = seed_environment(env, reset=reset)
+            except DatabaseError as exc:
+                failed.append(env.key)
+                first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                self.stderr.write(f"{env.key} ({env.label}): failed, nothing changed: {first_line}")
+                continue
+            self.stdout.write(self._describe(result))
 
-        if not settings.DEMO_MODE:
-            self.stdout.write("demo users: skipped (BILLING_OPS_DEMO is off)")
-            return
-        try:
+        if settings.DEMO_MODE:
             users = demo_users_ensure()
-        except RuntimeError as exc:
-            raise CommandError(str(exc)) from None
-        changes = [f"created {', '.join(users.created)}"] if users.created else []
-        changes += [f"updated {', '.join(users.updated)}"] if users.updated else []
-        self.stdout.write(f"demo users: {'; '.join(changes) or 'unchanged'} (passwords in {users.path})")
+            changes = [f"created {', '.join(users.created)}"] if users.created else []
+            changes += [f"updated {', '.join(users.updated)}"] if users.updated else []
+            self.stdout.write(f"demo users: {'; '.join(changes) or 'unchanged'} (passwords in {users.path})")
+        else:
+            self.stdout.write("demo users: skipped (BILLING_OPS_DEMO is off)")
+        if failed:
+            raise CommandError(f"seeding failed for: {', '.join(failed)}")
 
     def _describe(self, result: SeedResult) -> str:
         head = f"{result.env.key} ({result.env.label}): {result.outcome}"
