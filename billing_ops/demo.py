@@ -791,7 +791,8 @@ def seed_environment(env: Environment, *, reset: bool = False, now: datetime | N
         cursor.execute("SET LOCAL statement_timeout = %s", [SEED_STATEMENT_TIMEOUT_MS])
         cursor.execute("SELECT pg_advisory_xact_lock(%s)", [SEED_ADVISORY_LOCK_KEY])
         if not reset and _seed_marker(cursor) == SEED_MARKER:
-            return SeedResult(env, "already seeded", time.monotonic() - started, **_counts(cursor))
+            counts = _counts(cursor)
+            return SeedResult(env, "already seeded", time.monotonic() - started, **counts)
         cursor.execute("SET LOCAL lock_timeout = %s", [SEED_LOCK_TIMEOUT_MS])
         cursor.execute("SET LOCAL maintenance_work_mem = %s", [SEED_MAINTENANCE_WORK_MEM])
         contract_schema_drop(env)

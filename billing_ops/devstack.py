@@ -19,6 +19,7 @@ psycopg and the two wheels' binaries.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -135,7 +136,9 @@ class PrivatePostgres:
             return False
         result = subprocess.run(
             [str(self.bin / "pg_ctl"), "status", "-D", str(self.data)],
-            capture_output=True, text=True, **self._run_as(),  # type: ignore[arg-type]
+            capture_output=True,
+            text=True,
+            **self._run_as(),  # type: ignore[arg-type]
         )
         return result.returncode == 0
 
@@ -159,9 +162,21 @@ class PrivatePostgres:
             say(f"initialising a private PostgreSQL in {self.data}")
             try:
                 subprocess.run(
-                    [str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres", "--encoding=UTF8",
-                     "--locale=C", "--auth=scram-sha-256", f"--pwfile={pwfile}"],
-                    check=True, capture_output=True, text=True, **self._run_as(),  # type: ignore[arg-type]
+                    [
+                        str(self.bin / "initdb"),
+                        "-D",
+                        str(self.data),
+                        "-U",
+                        "postgres",
+                        "--encoding=UTF8",
+                        "--locale=C",
+                        "--auth=scram-sha-256",
+                        f"--pwfile={pwfile}",
+                    ],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                    **self._run_as(),  # type: ignore[arg-type]
                 )
             finally:
                 pwfile.unlink(missing_ok=True)
@@ -179,9 +194,22 @@ class PrivatePostgres:
             "-c max_connections=200 -c shared_buffers=256MB -c fsync=on"
         )
         result = subprocess.run(
-            [str(self.bin / "pg_ctl"), "start", "-w", "-t", str(START_TIMEOUT_S), "-D", str(self.data),
-             "-l", str(self.log), "-o", settings],
-            capture_output=True, text=True, **self._run_as(),  # type: ignore[arg-type]
+            [
+                str(self.bin / "pg_ctl"),
+                "start",
+                "-w",
+                "-t",
+                str(START_TIMEOUT_S),
+                "-D",
+                str(self.data),
+                "-l",
+                str(self.log),
+                "-o",
+                settings,
+            ],
+            capture_output=True,
+            text=True,
+            **self._run_as(),  # type: ignore[arg-type]
         )
         if result.returncode != 0:
             tail = self.log.read_text()[-2000:] if self.log.exists() else ""
@@ -192,7 +220,9 @@ class PrivatePostgres:
             say("stopping the private PostgreSQL")
             subprocess.run(
                 [str(self.bin / "pg_ctl"), "stop", "-m", "fast", "-w", "-D", str(self.data)],
-                capture_output=True, text=True, **self._run_as(),  # type: ignore[arg-type]
+                capture_output=True,
+                text=True,
+                **self._run_as(),  # type: ignore[arg-type]
             )
 
 
@@ -238,11 +268,24 @@ class PrivateRedis:
         _write_private(self.state_file, json.dumps({"password": password, "port": port}))
         conf = self.root / "redis.conf"
         # Append-only file: queued messages survive a restart of the private Redis.
-        _write_private(conf, "\n".join([
-            "bind 127.0.0.1", f"port {port}", f"requirepass {password}", f"dir {self.root}",
-            "daemonize yes", f"pidfile {self.pidfile}", f"logfile {self.root / 'redis.log'}",
-            "appendonly yes", "appendfsync everysec", 'save ""', "",
-        ]))
+        _write_private(
+            conf,
+            "\n".join(
+                [
+                    "bind 127.0.0.1",
+                    f"port {port}",
+                    f"requirepass {password}",
+                    f"dir {self.root}",
+                    "daemonize yes",
+                    f"pidfile {self.pidfile}",
+                    f"logfile {self.root / 'redis.log'}",
+                    "appendonly yes",
+                    "appendfsync everysec",
+                    'save ""',
+                    "",
+                ]
+            ),
+        )
         say(f"starting the private Redis on 127.0.0.1:{port}")
         subprocess.run([self.server, str(conf)], check=True)
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -257,10 +300,8 @@ class PrivateRedis:
         say("stopping the private Redis")
         import redis
 
-        try:
+        with contextlib.suppress(redis.RedisError):  # shutdown closes the connection under us
             redis.Redis.from_url(self.url(), socket_connect_timeout=1).shutdown()
-        except redis.RedisError:
-            pass  # shutdown closes the connection under us
 
 
 # --- Holders: the last devstack process out stops the private services ----------------------
@@ -442,14 +483,16 @@ def _run_lock() -> object:
     """One `make run` per checkout: a second one says where the first one is."""
     path = VAR_DIR / "run.lock"
     VAR_DIR.mkdir(parents=True, exist_ok=True)
-    handle = open(path, "a+")
+    handle = open(path, "a+")  # noqa: SIM115  (held open, and locked, for the process's life)
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.seek(0)
         info = handle.read().strip() or "unknown"
-        raise SystemExit(f"[devstack] Billing Ops is already running from this checkout ({info}). "
-                         "Stop it with Ctrl-C in its terminal first.") from None
+        raise SystemExit(
+            f"[devstack] Billing Ops is already running from this checkout ({info}). "
+            "Stop it with Ctrl-C in its terminal first."
+        ) from None
     return handle
 
 
@@ -457,7 +500,9 @@ def cmd_run() -> int:
     lock = _run_lock()
     port = int(os.environ.get("BILLING_OPS_PORT", "8000"))
     if not port_is_free(port):
-        raise SystemExit(f"[devstack] port {port} on 127.0.0.1 is taken; set BILLING_OPS_PORT to another one.")
+        raise SystemExit(
+            f"[devstack] port {port} on 127.0.0.1 is taken; set BILLING_OPS_PORT to another one."
+        )
     stack = Stack()
     supervisor = Supervisor()
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
@@ -471,12 +516,46 @@ def cmd_run() -> int:
         manage("collectstatic", "--noinput", "-v", "0")
         manage("seed_demo")
         py = sys.executable
-        supervisor.start("web", [py, "-m", "gunicorn", "billing_ops.wsgi", "--bind", f"127.0.0.1:{port}",
-                                 "--workers", "2", "--threads", "8", "--timeout", "60",
-                                 "--access-logfile", "-"], "web")
-        supervisor.start("worker", [py, "-m", "celery", "-A", "billing_ops", "worker", "-l", "INFO",
-                                    "-Q", os.environ.get("BILLING_OPS_QUEUE", "billing_ops"),
-                                    "--concurrency", "2", "-n", "worker1@%h"], "worker")
+        supervisor.start(
+            "web",
+            [
+                py,
+                "-m",
+                "gunicorn",
+                "billing_ops.wsgi",
+                "--bind",
+                f"127.0.0.1:{port}",
+                "--workers",
+                "2",
+                "--threads",
+                "8",
+                "--timeout",
+                "60",
+                "--access-logfile",
+                "-",
+            ],
+            "web",
+        )
+        supervisor.start(
+            "worker",
+            [
+                py,
+                "-m",
+                "celery",
+                "-A",
+                "billing_ops",
+                "worker",
+                "-l",
+                "INFO",
+                "-Q",
+                os.environ.get("BILLING_OPS_QUEUE", "billing_ops"),
+                "--concurrency",
+                "2",
+                "-n",
+                "worker1@%h",
+            ],
+            "worker",
+        )
         supervisor.start("beat", [py, "-m", "celery", "-A", "billing_ops", "beat", "-l", "INFO"], "beat")
         _print_banner(port)
         name, code = supervisor.wait_any()
@@ -497,8 +576,10 @@ def _print_banner(port: int) -> None:
         "Billing Ops is running.",
         f"  Open http://127.0.0.1:{port}/",
         "  Demo logins (demo mode only):",
-        *[f"    {role:<9} {u['username']:<10} password: {u['password']}"  # type: ignore[index]
-          for role, u in users.items()],
+        *[
+            f"    {role:<9} {u['username']:<10} password: {u['password']}"  # type: ignore[index]
+            for role, u in users.items()
+        ],
         "  Ctrl-C stops the web server, worker, beat and the private services.",
         "",
     ]
@@ -531,7 +612,8 @@ def main(argv: list[str]) -> int:
     if command == "status":
         stack = Stack()
         for name, svc in (("postgres", stack.postgres), ("redis", stack.redis)):
-            print(f"{name}: {'configured by URL' if svc is None else ('running' if svc.is_running() else 'stopped')}")
+            state = "configured by URL" if svc is None else ("running" if svc.is_running() else "stopped")
+            print(f"{name}: {state}")
         return 0
     raise SystemExit(f"usage: python -m billing_ops.devstack run|test|up|down|status (got {command!r})")
 

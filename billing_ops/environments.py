@@ -189,7 +189,8 @@ def environment_connect(env: Environment, **overrides: Any) -> Any:
     from django.db import connections
 
     params = {
-        k: v for k, v in connections[env.alias].get_connection_params().items()
+        k: v
+        for k, v in connections[env.alias].get_connection_params().items()
         if k not in {"cursor_factory", "context", "prepare_threshold"}
     }
     return psycopg.connect(**{**params, **overrides})

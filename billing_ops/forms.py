@@ -17,5 +17,6 @@ class EnvironmentCheckForm(forms.Form):
 class DecisionForm(forms.Form):
     # The digest of the parameters the approver was shown; a mismatch means "review again".
     digest = forms.CharField(widget=forms.HiddenInput, max_length=64)
-    comment = forms.CharField(label=_("Comment"), required=False, max_length=2000,
-                              widget=forms.Textarea(attrs={"rows": 2}))
+    comment = forms.CharField(
+        label=_("Comment"), required=False, max_length=2000, widget=forms.Textarea(attrs={"rows": 2})
+    )

@@ -173,7 +173,7 @@ def health_report() -> dict[str, Any]:
         prefix = settings.WORKER_HEARTBEAT_KEY_PREFIX
         for key in client.scan_iter(match=f"{prefix}*", count=100):
             seen = client.get(key)
-            workers.append({"name": key.decode()[len(prefix):], "last_seen": seen.decode() if seen else ""})
+            workers.append({"name": key.decode()[len(prefix) :], "last_seen": seen.decode() if seen else ""})
     except Exception as exc:
         report["redis"] = {"ok": False, "error": _describe_error(exc)}
     report["workers"] = sorted(workers, key=lambda w: w["name"])

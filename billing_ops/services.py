@@ -103,8 +103,10 @@ def job_approve(*, actor: User, job_id: int, digest: str, comment: str = "") -> 
         if job.requested_by_id == actor.pk:
             raise PermissionDenied(_("Nobody approves their own request."))
         if job.status != JobStatus.AWAITING_APPROVAL:
-            raise ValidationError(_("Job #%(id)s is %(status)s, not awaiting approval.") % {
-                "id": job.pk, "status": job.get_status_display()})
+            raise ValidationError(
+                _("Job #%(id)s is %(status)s, not awaiting approval.")
+                % {"id": job.pk, "status": job.get_status_display()}
+            )
         if digest != job.params_digest:
             raise ValidationError(_("The job's parameters changed since you reviewed them; review it again."))
         job.status = JobStatus.QUEUED
@@ -112,9 +114,13 @@ def job_approve(*, actor: User, job_id: int, digest: str, comment: str = "") -> 
         job.approved_at = timezone.now()
         job.approved_digest = digest
         job.decision_comment = comment
-        job.save(update_fields=["status", "approved_by", "approved_at", "approved_digest", "decision_comment"])
-        job_log(job.pk, _("Approved by %(user)s.") % {"user": actor.get_username()}
-                + (f" {comment}" if comment else ""))
+        job.save(
+            update_fields=["status", "approved_by", "approved_at", "approved_digest", "decision_comment"]
+        )
+        job_log(
+            job.pk,
+            _("Approved by %(user)s.") % {"user": actor.get_username()} + (f" {comment}" if comment else ""),
+        )
         transaction.on_commit(lambda: job_dispatch(job_id=job.pk))
     return job
 
@@ -126,16 +132,20 @@ def job_refuse(*, actor: User, job_id: int, comment: str = "") -> Job:
         if job.requested_by_id == actor.pk:
             raise PermissionDenied(_("Nobody decides on their own request."))
         if job.status != JobStatus.AWAITING_APPROVAL:
-            raise ValidationError(_("Job #%(id)s is %(status)s, not awaiting approval.") % {
-                "id": job.pk, "status": job.get_status_display()})
+            raise ValidationError(
+                _("Job #%(id)s is %(status)s, not awaiting approval.")
+                % {"id": job.pk, "status": job.get_status_display()}
+            )
         job.status = JobStatus.REFUSED
         job.approved_by = actor
         job.approved_at = timezone.now()
         job.decision_comment = comment
         job.finished_at = timezone.now()
         job.save(update_fields=["status", "approved_by", "approved_at", "decision_comment", "finished_at"])
-        job_log(job.pk, _("Refused by %(user)s.") % {"user": actor.get_username()}
-                + (f" {comment}" if comment else ""))
+        job_log(
+            job.pk,
+            _("Refused by %(user)s.") % {"user": actor.get_username()} + (f" {comment}" if comment else ""),
+        )
     return job
 
 
@@ -154,8 +164,11 @@ def job_cancel(*, actor: User, job_id: int) -> Job:
         elif job.status == JobStatus.RUNNING:
             job.cancel_requested = True
             job.save(update_fields=["cancel_requested"])
-            job_log(job.pk, _("Cancel requested by %(user)s; the job stops at its next safe point.")
-                    % {"user": actor.get_username()})
+            job_log(
+                job.pk,
+                _("Cancel requested by %(user)s; the job stops at its next safe point.")
+                % {"user": actor.get_username()},
+            )
         else:
             raise ValidationError(_("Job #%(id)s has already finished.") % {"id": job.pk})
     return job
@@ -202,7 +215,9 @@ def jobs_sweep() -> SweepReport:
     for job in Job.objects.filter(status=JobStatus.RUNNING, heartbeat_at__lt=stale_before):
         kind = get_kind(job.kind)
         lost = _("The worker %(worker)s stopped responding (last heartbeat %(at)s).") % {
-            "worker": job.worker or "?", "at": job.heartbeat_at.isoformat(timespec="seconds")}
+            "worker": job.worker or "?",
+            "at": job.heartbeat_at.isoformat(timespec="seconds"),
+        }
         if kind.resumable and job.attempts < kind.max_attempts:
             claimed = Job.objects.filter(pk=job.pk, status=JobStatus.RUNNING, attempts=job.attempts).update(
                 status=JobStatus.QUEUED, dispatched_at=None, worker=""
@@ -219,9 +234,11 @@ def jobs_sweep() -> SweepReport:
                 report.failed.append(job.pk)
 
     redispatch_before = now - timedelta(seconds=settings.JOB_REDISPATCH_AFTER_S)
-    pending = Job.objects.filter(status=JobStatus.QUEUED).filter(
-        Q(dispatched_at__isnull=True) | Q(dispatched_at__lt=redispatch_before)
-    ).values_list("pk", flat=True)
+    pending = (
+        Job.objects.filter(status=JobStatus.QUEUED)
+        .filter(Q(dispatched_at__isnull=True) | Q(dispatched_at__lt=redispatch_before))
+        .values_list("pk", flat=True)
+    )
     for job_id in list(pending[:500]):
         (report.redispatched if job_dispatch(job_id=job_id) else report.undispatchable).append(job_id)
     return report
@@ -269,7 +286,9 @@ class _Heartbeat(threading.Thread):
     def run(self) -> None:
         try:
             while not self.stopped.wait(settings.JOB_HEARTBEAT_S):
-                Job.objects.filter(pk=self.job_id, status=JobStatus.RUNNING).update(heartbeat_at=timezone.now())
+                Job.objects.filter(pk=self.job_id, status=JobStatus.RUNNING).update(
+                    heartbeat_at=timezone.now()
+                )
         except Exception:  # pragma: no cover - the default database vanished; the sweeper judges
             logger.exception("heartbeat for job %s failed", self.job_id)
         finally:
@@ -284,7 +303,10 @@ def job_claim(*, job_id: int, worker: str) -> Job | None:
     """Atomically move a job from queued to running; None if another delivery has it."""
     now = timezone.now()
     claimed = Job.objects.filter(pk=job_id, status=JobStatus.QUEUED).update(
-        status=JobStatus.RUNNING, started_at=now, heartbeat_at=now, worker=worker,
+        status=JobStatus.RUNNING,
+        started_at=now,
+        heartbeat_at=now,
+        worker=worker,
         attempts=F("attempts") + 1,
     )
     if not claimed:
@@ -304,7 +326,8 @@ def job_execute(*, job_id: int, worker: str | None = None) -> str:
         env = get_environment(job.environment) if job.environment else None
     except LookupError as exc:  # configuration changed since the request: say so, run nothing
         Job.objects.filter(pk=job.pk, status=JobStatus.RUNNING).update(
-            status=JobStatus.FAILED, finished_at=timezone.now(), error=str(exc))
+            status=JobStatus.FAILED, finished_at=timezone.now(), error=str(exc)
+        )
         job_log(job.pk, str(exc), level="error")
         return str(JobStatus.FAILED)
     job_log(job.pk, _("Started on %(worker)s (attempt %(n)s).") % {"worker": worker, "n": job.attempts})
@@ -318,7 +341,10 @@ def job_execute(*, job_id: int, worker: str | None = None) -> str:
         result = handler(JobContext(job, env))
         outcome = {"status": JobStatus.SUCCEEDED, "result": result}
     except JobCancelled:
-        outcome = {"status": JobStatus.CANCELLED, "error": _("Cancelled at a safe point; see the log for what was done.")}
+        outcome = {
+            "status": JobStatus.CANCELLED,
+            "error": _("Cancelled at a safe point; see the log for what was done."),
+        }
     except JobRefused as exc:
         outcome = {"status": JobStatus.FAILED, "error": str(exc)}
     except Exception as exc:  # the handler's own transactions have rolled back
@@ -335,8 +361,12 @@ def job_execute(*, job_id: int, worker: str | None = None) -> str:
     # Only the delivery that still owns the job may settle it (the sweeper may have failed it).
     Job.objects.filter(pk=job.pk, status=JobStatus.RUNNING, attempts=job.attempts).update(**fields)
     level = "info" if outcome["status"] == JobStatus.SUCCEEDED else "error"
-    job_log(job.pk, _("Finished: %(status)s in %(s).1f s.") % {"status": outcome["status"], "s": elapsed_s}
-            + (f" {outcome['error']}" if "error" in outcome else ""), level=level)
+    job_log(
+        job.pk,
+        _("Finished: %(status)s in %(s).1f s.") % {"status": outcome["status"], "s": elapsed_s}
+        + (f" {outcome['error']}" if "error" in outcome else ""),
+        level=level,
+    )
     return str(outcome["status"])
 
 
@@ -373,8 +403,10 @@ def environment_check(ctx: JobContext) -> dict[str, Any]:
         cursor.execute("SELECT current_setting('server_version'), current_database(), current_user")
         version, database, user = cursor.fetchone()
         latency_ms = round((time.monotonic() - started) * 1000, 1)
-        ctx.log(_("Connected to %(db)s as %(user)s: PostgreSQL %(v)s (%(ms)s ms).")
-                % {"db": database, "user": user, "v": version, "ms": latency_ms})
+        ctx.log(
+            _("Connected to %(db)s as %(user)s: PostgreSQL %(v)s (%(ms)s ms).")
+            % {"db": database, "user": user, "v": version, "ms": latency_ms}
+        )
         ctx.progress(1, steps, _("Checking the contract schema"))
         schema = contract_schema_status(ctx.env)
         ctx.progress(2, steps, _("Counting rows"))

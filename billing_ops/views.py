@@ -33,9 +33,15 @@ def overview(request: HttpRequest) -> HttpResponse:
     access.require_viewer(request.user)
     probes = selectors.environments_probe(all_environments())
     recent = selectors.jobs_recent()[:10]
-    return render(request, "billing_ops/overview.html", {
-        "probes": probes, "recent_jobs": recent, "check_form": EnvironmentCheckForm(),
-    })
+    return render(
+        request,
+        "billing_ops/overview.html",
+        {
+            "probes": probes,
+            "recent_jobs": recent,
+            "check_form": EnvironmentCheckForm(),
+        },
+    )
 
 
 @require_GET
@@ -46,11 +52,18 @@ def environment_detail(request: HttpRequest, env_key: str) -> HttpResponse:
     if probe.reachable:
         schema = selectors.contract_schema_status(env)
         statuses = selectors.billing_statuses(env) if schema["billing_status_enum"] else []
-    return render(request, "billing_ops/environment_detail.html", {
-        "env": env, "probe": probe, "schema": schema, "statuses": statuses,
-        "jobs": selectors.jobs_recent(environment=env.key)[:20],
-        "check_form": EnvironmentCheckForm(initial={"environment": env.key}),
-    })
+    return render(
+        request,
+        "billing_ops/environment_detail.html",
+        {
+            "env": env,
+            "probe": probe,
+            "schema": schema,
+            "statuses": statuses,
+            "jobs": selectors.jobs_recent(environment=env.key)[:20],
+            "check_form": EnvironmentCheckForm(initial={"environment": env.key}),
+        },
+    )
 
 
 @require_GET
@@ -74,11 +87,14 @@ def _job_context(request: HttpRequest, job: Job) -> dict[str, object]:
         "job": job,
         "kind": get_kind(job.kind),
         "log_lines": job.log_lines.all(),
-        "can_decide": access.is_approver(user) and job.status == "awaiting_approval"
+        "can_decide": access.is_approver(user)
+        and job.status == "awaiting_approval"
         and job.requested_by_id != user.pk,
-        "can_cancel": not job.is_finished and not job.cancel_requested
+        "can_cancel": not job.is_finished
+        and not job.cancel_requested
         and ((job.requested_by_id == user.pk and access.is_operator(user)) or access.is_approver(user)),
         "decision_form": DecisionForm(initial={"digest": job.params_digest}),
+        "result_template": [f"billing_ops/results/{job.kind}.html", "billing_ops/results/generic.html"],
     }
 
 
@@ -119,8 +135,12 @@ def _decide(request: HttpRequest, job_id: int, *, approve: bool) -> HttpResponse
         return redirect("job_detail", job_id=job.pk)
     try:
         if approve:
-            services.job_approve(actor=request.user, job_id=job.pk, digest=form.cleaned_data["digest"],
-                                 comment=form.cleaned_data["comment"])
+            services.job_approve(
+                actor=request.user,
+                job_id=job.pk,
+                digest=form.cleaned_data["digest"],
+                comment=form.cleaned_data["comment"],
+            )
             messages.success(request, _("Job #%(id)s approved and queued.") % {"id": job.pk})
         else:
             services.job_refuse(actor=request.user, job_id=job.pk, comment=form.cleaned_data["comment"])

@@ -44,8 +44,11 @@ def django_db_setup(django_test_environment: None, django_db_blocker: Any) -> It
         names = [connections[alias].settings_dict["NAME"] for alias in connections]
         with connections["default"].cursor() as cursor:
             # The live server's thread and stopped workers may leave sessions behind.
-            cursor.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                           "WHERE datname = ANY(%s) AND pid <> pg_backend_pid()", [names])
+            cursor.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = ANY(%s) AND pid <> pg_backend_pid()",
+                [names],
+            )
         for alias in connections:
             connections[alias].close()
         teardown_databases(config, verbosity=0)
@@ -54,11 +57,18 @@ def django_db_setup(django_test_environment: None, django_db_blocker: Any) -> It
 def _test_url(alias: str) -> str:
     """A URL for the test database behind `alias` (after setup_databases renamed it)."""
     s = connections[alias].settings_dict
-    parts = {"user": s["USER"], "password": s["PASSWORD"], "host": s["HOST"] or "localhost",
-             "port": str(s["PORT"] or 5432), "dbname": s["NAME"]}
+    parts = {
+        "user": s["USER"],
+        "password": s["PASSWORD"],
+        "host": s["HOST"] or "localhost",
+        "port": str(s["PORT"] or 5432),
+        "dbname": s["NAME"],
+    }
     from urllib.parse import quote
 
-    auth = quote(parts["user"], safe="") + (":" + quote(parts["password"], safe="") if parts["password"] else "")
+    auth = quote(parts["user"], safe="") + (
+        ":" + quote(parts["password"], safe="") if parts["password"] else ""
+    )
     return f"postgresql://{auth}@{parts['host']}:{parts['port']}/{parts['dbname']}"
 
 
@@ -71,17 +81,25 @@ def worker_environ(django_db_setup: None, tmp_path_factory: pytest.TempPathFacto
     for env in all_environments():
         var = f"BILLING_OPS_TESTENV_{env.key.upper()}_URL"
         environ[var] = _test_url(env.alias)
-        lines += [f"[environments.{env.key}]", f'label = "{env.label}"', f'url_env = "{var}"',
-                  f"protected = {'true' if env.protected else 'false'}", "demo = true", ""]
+        lines += [
+            f"[environments.{env.key}]",
+            f'label = "{env.label}"',
+            f'url_env = "{var}"',
+            f"protected = {'true' if env.protected else 'false'}",
+            "demo = true",
+            "",
+        ]
     env_file.write_text("\n".join(lines))
-    environ.update({
-        "DATABASE_URL": _test_url("default"),
-        "BILLING_OPS_ENVIRONMENTS": str(env_file),
-        "BILLING_OPS_QUEUE": settings.CELERY_QUEUE,
-        "BILLING_OPS_TESTING": "1",
-        "BILLING_OPS_JOB_HEARTBEAT_S": "1",
-        "PYTHONUNBUFFERED": "1",
-    })
+    environ.update(
+        {
+            "DATABASE_URL": _test_url("default"),
+            "BILLING_OPS_ENVIRONMENTS": str(env_file),
+            "BILLING_OPS_QUEUE": settings.CELERY_QUEUE,
+            "BILLING_OPS_TESTING": "1",
+            "BILLING_OPS_JOB_HEARTBEAT_S": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     return environ
 
 
@@ -102,11 +120,29 @@ class Worker:
         client.delete(key)
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "billing_ops", "worker", "-l", "INFO",
-                 "-Q", settings.CELERY_QUEUE, "--concurrency", "1", "-n", self.name, "--without-gossip",
-                 "--without-mingle"],
-                cwd=BASE_DIR, env={**self.environ, "BILLING_OPS_PROCESS_ROLE": "test-worker"},
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                [
+                    sys.executable,
+                    "-m",
+                    "celery",
+                    "-A",
+                    "billing_ops",
+                    "worker",
+                    "-l",
+                    "INFO",
+                    "-Q",
+                    settings.CELERY_QUEUE,
+                    "--concurrency",
+                    "1",
+                    "-n",
+                    self.name,
+                    "--without-gossip",
+                    "--without-mingle",
+                ],
+                cwd=BASE_DIR,
+                env={**self.environ, "BILLING_OPS_PROCESS_ROLE": "test-worker"},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         deadline = time.monotonic() + WORKER_START_TIMEOUT_S
         while not client.exists(key):
@@ -155,9 +191,9 @@ def clean_environments(django_db_blocker: Any) -> Iterator[None]:
     truncate()
 
 
-def make_user(username: str, *roles: str, password: str = "pw-for-tests-only") -> User:
-    from django.contrib.auth.management import create_permissions
+def make_user(username: str, *roles: str, password: str = "pw-for-tests-only") -> User:  # noqa: S107
     from django.apps import apps
+    from django.contrib.auth.management import create_permissions
 
     from billing_ops.services import roles_ensure
 
@@ -211,7 +247,9 @@ def protected_env() -> Environment:
     return envs[0]
 
 
-def wait_for(predicate: Any, *, timeout_s: float = 30, interval_s: float = 0.2, what: str = "condition") -> Any:
+def wait_for(
+    predicate: Any, *, timeout_s: float = 30, interval_s: float = 0.2, what: str = "condition"
+) -> Any:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         value = predicate()
@@ -245,8 +283,13 @@ def extra_environment(settings: Any) -> Any:
         conninfo = parse_database_url(url, where=key)
         env = Environment(key=key, label=label or key, url=url, protected=protected, conninfo=conninfo)
         settings.ENVIRONMENTS = {**settings.ENVIRONMENTS, key: env}
-        raw = {env.alias: database_settings(conninfo, application_name=f"billing-ops test env={key}",
-                                            connect_timeout_s=settings.CONNECT_TIMEOUT_S)}
+        raw = {
+            env.alias: database_settings(
+                conninfo,
+                application_name=f"billing-ops test env={key}",
+                connect_timeout_s=settings.CONNECT_TIMEOUT_S,
+            )
+        }
         raw["default"] = connections.settings["default"]
         connections.settings[env.alias] = connections.configure_settings(raw)[env.alias]
         added.append(env.alias)

@@ -14,8 +14,16 @@ from tests.conftest import make_user
 
 CHROMIUM = os.environ.get("BILLING_OPS_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
-CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(databases="__all__", transaction=True)]
 
@@ -60,7 +68,7 @@ def test_an_operator_queues_an_environment_check_and_sees_it_succeed(
     # The status fragment refreshes itself (htmx); no reload happens here.
     expect(page.locator("[data-status]")).to_have_attribute("data-status", "succeeded", timeout=30_000)
     expect(page.locator("[role=progressbar]")).to_have_attribute("aria-valuenow", "100")
-    expect(page.locator(".result")).to_contain_text("row_counts")
+    expect(page.locator(".result")).to_contain_text("lock.locks")
     page.screenshot(path=str(ARTIFACTS / "job-succeeded.png"), full_page=True)
 
     page.reload()  # the state survives a reload: it lives in the database

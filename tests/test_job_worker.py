@@ -24,30 +24,40 @@ def finished(job_id: int) -> Job | None:
 
 def seed_rows(env) -> None:
     with connections[env.alias].cursor() as cursor:
-        cursor.execute("INSERT INTO billing.billings (id, billing_number, status, process_stage) "
-                       "SELECT g, 'BILLING' || g, 'COMPLETED', 'ACCOUNTING' FROM generate_series(1, 7) g")
-        cursor.execute("INSERT INTO lock.locks (id, lock_key, entity_type, entity_id, billing_id, system_lock) "
-                       "SELECT 'L' || g, 'customers:' || g, 'customers', g::text, 1, true "
-                       "FROM generate_series(1, 12) g")
+        cursor.execute(
+            "INSERT INTO billing.billings (id, billing_number, status, process_stage) "
+            "SELECT g, 'BILLING' || g, 'COMPLETED', 'ACCOUNTING' FROM generate_series(1, 7) g"
+        )
+        cursor.execute(
+            "INSERT INTO lock.locks (id, lock_key, entity_type, entity_id, billing_id, system_lock) "
+            "SELECT 'L' || g, 'customers:' || g, 'customers', g::text, 1, true "
+            "FROM generate_series(1, 12) g"
+        )
 
 
-def test_an_environment_check_runs_on_a_worker(celery_worker, operator, unprotected_env,
-                                               clean_environments) -> None:
+def test_an_environment_check_runs_on_a_worker(
+    celery_worker, operator, unprotected_env, clean_environments
+) -> None:
     seed_rows(unprotected_env)
     job = services.job_request(actor=operator, kind="environment_check", environment=unprotected_env.key)
     job = wait_for(lambda: finished(job.pk), what="the environment check to finish")
     assert job.status == JobStatus.SUCCEEDED, job.error
     assert job.dispatched_at is not None and job.attempts == 1
     assert job.worker == celery_worker.name
-    assert job.result["row_counts"] == {"billing.billings": 7, "lock.locks": 12, "invoice_lines": 0,
-                                        "audit_logs": 0}
+    assert job.result["row_counts"] == {
+        "billing.billings": 7,
+        "lock.locks": 12,
+        "invoice_lines": 0,
+        "audit_logs": 0,
+    }
     assert job.result["schema"]["complete"] is True
     assert job.result["server_version"]
     assert job.progress_done == job.progress_total == 6
 
 
-def test_a_duplicated_message_runs_the_job_once(celery_worker, operator, unprotected_env,
-                                                clean_environments) -> None:
+def test_a_duplicated_message_runs_the_job_once(
+    celery_worker, operator, unprotected_env, clean_environments
+) -> None:
     job = services.job_request(actor=operator, kind="environment_check", environment=unprotected_env.key)
     run_job.apply_async(args=[job.pk])  # the same message again, as a redelivery would
     run_job.apply_async(args=[job.pk])
@@ -81,8 +91,9 @@ def test_a_job_submitted_while_redis_is_down_is_dispatched_when_it_returns(
     assert job.status == JobStatus.SUCCEEDED and job.attempts == 1 and job.dispatch_count == 1
 
 
-def test_a_job_whose_worker_is_killed_is_resumed_by_the_sweeper(celery_worker, operator, unprotected_env,
-                                                                 clean_environments, settings) -> None:
+def test_a_job_whose_worker_is_killed_is_resumed_by_the_sweeper(
+    celery_worker, operator, unprotected_env, clean_environments, settings
+) -> None:
     seed_rows(unprotected_env)
     # Hold a lock that makes the check's count(*) wait, so the worker is mid-job when killed.
     blocker = psycopg.connect(_test_url(unprotected_env.alias))

@@ -27,8 +27,13 @@ def record_call(ctx: services.JobContext) -> dict[str, Any]:
 
 @pytest.fixture
 def destructive_kind(monkeypatch: pytest.MonkeyPatch) -> JobKind:
-    kind = JobKind(name="test_destructive", label="Test destructive", handler="tests.test_jobs.record_call",
-                   destructive=True, worker_lost_note="Nothing was committed.")
+    kind = JobKind(
+        name="test_destructive",
+        label="Test destructive",
+        handler="tests.test_jobs.record_call",
+        destructive=True,
+        worker_lost_note="Nothing was committed.",
+    )
     monkeypatch.setitem(REGISTRY, kind.name, kind)
     CALLS.clear()
     return kind
@@ -39,8 +44,9 @@ def admin(db: None):
     return make_user("admin1", "Operator", "Approver")
 
 
-def test_it_records_the_job_and_dispatches_only_after_commit(operator, unprotected_env,
-                                                            django_capture_on_commit_callbacks) -> None:
+def test_it_records_the_job_and_dispatches_only_after_commit(
+    operator, unprotected_env, django_capture_on_commit_callbacks
+) -> None:
     with django_capture_on_commit_callbacks(execute=False) as callbacks:
         job = services.job_request(actor=operator, kind="environment_check", environment=unprotected_env.key)
     job.refresh_from_db()
@@ -50,16 +56,19 @@ def test_it_records_the_job_and_dispatches_only_after_commit(operator, unprotect
     assert job.log_lines.filter(message__contains="Requested by operator1").exists()
 
 
-def test_it_queues_destructive_jobs_directly_in_unprotected_environments(operator, unprotected_env,
-                                                                          destructive_kind) -> None:
+def test_it_queues_destructive_jobs_directly_in_unprotected_environments(
+    operator, unprotected_env, destructive_kind
+) -> None:
     job = services.job_request(actor=operator, kind=destructive_kind.name, environment=unprotected_env.key)
     assert Job.objects.get(pk=job.pk).status == JobStatus.QUEUED
 
 
-def test_it_holds_destructive_jobs_for_an_approver_in_protected_environments(operator, protected_env,
-                                                                              destructive_kind) -> None:
-    job = services.job_request(actor=operator, kind=destructive_kind.name, environment=protected_env.key,
-                               params={"run": 1})
+def test_it_holds_destructive_jobs_for_an_approver_in_protected_environments(
+    operator, protected_env, destructive_kind
+) -> None:
+    job = services.job_request(
+        actor=operator, kind=destructive_kind.name, environment=protected_env.key, params={"run": 1}
+    )
     assert Job.objects.get(pk=job.pk).status == JobStatus.AWAITING_APPROVAL
 
 
@@ -81,8 +90,9 @@ def test_an_operator_cannot_approve(operator, protected_env, destructive_kind) -
     assert Job.objects.get(pk=job.pk).status == JobStatus.AWAITING_APPROVAL
 
 
-def test_an_approver_approves_someone_elses_request(operator, approver, protected_env, destructive_kind,
-                                                     django_capture_on_commit_callbacks) -> None:
+def test_an_approver_approves_someone_elses_request(
+    operator, approver, protected_env, destructive_kind, django_capture_on_commit_callbacks
+) -> None:
     job = services.job_request(actor=operator, kind=destructive_kind.name, environment=protected_env.key)
     with django_capture_on_commit_callbacks(execute=False) as callbacks:
         services.job_approve(actor=approver, job_id=job.pk, digest=job.params_digest, comment="checked")
@@ -93,19 +103,24 @@ def test_an_approver_approves_someone_elses_request(operator, approver, protecte
     assert len(callbacks) == 1
 
 
-def test_an_approval_of_other_parameters_is_refused(operator, approver, protected_env, destructive_kind) -> None:
-    job = services.job_request(actor=operator, kind=destructive_kind.name, environment=protected_env.key,
-                               params={"run": 1})
+def test_an_approval_of_other_parameters_is_refused(
+    operator, approver, protected_env, destructive_kind
+) -> None:
+    job = services.job_request(
+        actor=operator, kind=destructive_kind.name, environment=protected_env.key, params={"run": 1}
+    )
     seen = services.params_digest(kind=job.kind, environment=job.environment, params={"run": 2})
     with pytest.raises(ValidationError, match="changed since you reviewed"):
         services.job_approve(actor=approver, job_id=job.pk, digest=seen)
     assert Job.objects.get(pk=job.pk).status == JobStatus.AWAITING_APPROVAL
 
 
-def test_a_job_whose_parameters_were_altered_after_approval_does_not_run(operator, approver, protected_env,
-                                                                         destructive_kind) -> None:
-    job = services.job_request(actor=operator, kind=destructive_kind.name, environment=protected_env.key,
-                               params={"run": 1})
+def test_a_job_whose_parameters_were_altered_after_approval_does_not_run(
+    operator, approver, protected_env, destructive_kind
+) -> None:
+    job = services.job_request(
+        actor=operator, kind=destructive_kind.name, environment=protected_env.key, params={"run": 1}
+    )
     services.job_approve(actor=approver, job_id=job.pk, digest=job.params_digest)
     Job.objects.filter(pk=job.pk).update(params={"run": 666})  # tampering in the database
     assert services.job_execute(job_id=job.pk, worker="w") == JobStatus.FAILED
@@ -114,7 +129,9 @@ def test_a_job_whose_parameters_were_altered_after_approval_does_not_run(operato
     assert CALLS == []
 
 
-def test_an_unapproved_job_forced_into_the_queue_does_not_run(operator, protected_env, destructive_kind) -> None:
+def test_an_unapproved_job_forced_into_the_queue_does_not_run(
+    operator, protected_env, destructive_kind
+) -> None:
     job = services.job_request(actor=operator, kind=destructive_kind.name, environment=protected_env.key)
     Job.objects.filter(pk=job.pk).update(status=JobStatus.QUEUED)
     assert services.job_execute(job_id=job.pk, worker="w") == JobStatus.FAILED
@@ -154,7 +171,9 @@ def test_cancel_before_start_and_during_run(operator, unprotected_env, destructi
     assert Job.objects.get(pk=queued.pk).status == JobStatus.CANCELLED
     assert services.job_execute(job_id=queued.pk, worker="w") == "skipped"
 
-    running = services.job_request(actor=operator, kind=destructive_kind.name, environment=unprotected_env.key)
+    running = services.job_request(
+        actor=operator, kind=destructive_kind.name, environment=unprotected_env.key
+    )
     Job.objects.filter(pk=running.pk).update(status=JobStatus.RUNNING)
     services.job_cancel(actor=operator, job_id=running.pk)
     running.refresh_from_db()
@@ -170,20 +189,28 @@ def test_another_operator_cannot_cancel_my_job(operator, unprotected_env) -> Non
     assert Job.objects.get(pk=job.pk).status == JobStatus.QUEUED
 
 
-def test_the_sweeper_fails_a_non_resumable_job_whose_worker_died(operator, unprotected_env, destructive_kind,
-                                                                settings) -> None:
+def test_the_sweeper_fails_a_non_resumable_job_whose_worker_died(
+    operator, unprotected_env, destructive_kind, settings
+) -> None:
     settings.JOB_STALE_AFTER_S = 60
     job = services.job_request(actor=operator, kind=destructive_kind.name, environment=unprotected_env.key)
     old = timezone.now() - timedelta(seconds=61)
-    Job.objects.filter(pk=job.pk).update(status=JobStatus.RUNNING, attempts=1, heartbeat_at=old, worker="w1",
-                                         dispatched_at=old)
+    Job.objects.filter(pk=job.pk).update(
+        status=JobStatus.RUNNING, attempts=1, heartbeat_at=old, worker="w1", dispatched_at=old
+    )
     report = services.jobs_sweep()
     job.refresh_from_db()
     assert report.failed == [job.pk]
-    assert job.status == JobStatus.FAILED and "stopped responding" in job.error and "Nothing was committed" in job.error
+    assert (
+        job.status == JobStatus.FAILED
+        and "stopped responding" in job.error
+        and "Nothing was committed" in job.error
+    )
 
 
-def test_the_sweeper_leaves_a_job_with_a_fresh_heartbeat_alone(operator, unprotected_env, destructive_kind) -> None:
+def test_the_sweeper_leaves_a_job_with_a_fresh_heartbeat_alone(
+    operator, unprotected_env, destructive_kind
+) -> None:
     job = services.job_request(actor=operator, kind=destructive_kind.name, environment=unprotected_env.key)
     Job.objects.filter(pk=job.pk).update(status=JobStatus.RUNNING, attempts=1, heartbeat_at=timezone.now())
     report = services.jobs_sweep()

@@ -23,10 +23,12 @@ def test_the_overview_shows_every_environment(client_for, viewer, unprotected_en
     assert "Queue check" not in page  # viewers get no action
 
 
-def test_an_unreachable_environment_is_marked_and_the_others_render(client_for, viewer, extra_environment,
-                                                                    unprotected_env) -> None:
-    down = extra_environment("down", f"postgresql://nobody:secret-pw@127.0.0.1:{free_port_for_tests()}/phoenix",
-                             label="Down")
+def test_an_unreachable_environment_is_marked_and_the_others_render(
+    client_for, viewer, extra_environment, unprotected_env
+) -> None:
+    down = extra_environment(
+        "down", f"postgresql://nobody:secret-pw@127.0.0.1:{free_port_for_tests()}/phoenix", label="Down"
+    )
     response = client_for(viewer).get("/")
     assert response.status_code == 200
     probes = {p.env.key: p for p in response.context["probes"]}
@@ -37,8 +39,9 @@ def test_an_unreachable_environment_is_marked_and_the_others_render(client_for, 
     assert client_for(viewer).get(f"/environments/{down.key}/").status_code == 200
 
 
-def test_a_hung_environment_costs_no_more_than_its_timeout(client_for, viewer, extra_environment,
-                                                           blackhole_port, settings, unprotected_env) -> None:
+def test_a_hung_environment_costs_no_more_than_its_timeout(
+    client_for, viewer, extra_environment, blackhole_port, settings, unprotected_env
+) -> None:
     settings.CONNECT_TIMEOUT_S = 2
     extra_environment("hung", f"postgresql://x@127.0.0.1:{blackhole_port}/phoenix")
     started = time.monotonic()

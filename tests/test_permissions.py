@@ -30,18 +30,34 @@ MATRIX: dict[str, tuple[str, dict[str, Any]]] = {
     "approval_list": ("GET", READ_ONLY),
     "job_detail": ("GET", READ_ONLY),
     "job_status": ("GET", READ_ONLY),
-    "environment_check_request": ("POST", {"anonymous": "login", "nobody": 403, "viewer": 403,
-                                           "operator": 302, "approver": 403}),
-    "job_approve": ("POST", {"anonymous": "login", "nobody": 403, "viewer": 403, "operator": 403,
-                             "approver": 302}),
-    "job_refuse": ("POST", {"anonymous": "login", "nobody": 403, "viewer": 403, "operator": 403,
-                            "approver": 302}),
-    "job_cancel": ("POST", {"anonymous": "login", "nobody": 403, "viewer": 403, "operator": 403,
-                            "approver": 302}),
+    "environment_check_request": (
+        "POST",
+        {"anonymous": "login", "nobody": 403, "viewer": 403, "operator": 302, "approver": 403},
+    ),
+    "job_approve": (
+        "POST",
+        {"anonymous": "login", "nobody": 403, "viewer": 403, "operator": 403, "approver": 302},
+    ),
+    "job_refuse": (
+        "POST",
+        {"anonymous": "login", "nobody": 403, "viewer": 403, "operator": 403, "approver": 302},
+    ),
+    "job_cancel": (
+        "POST",
+        {"anonymous": "login", "nobody": 403, "viewer": 403, "operator": 403, "approver": 302},
+    ),
     "login": ("GET", {"anonymous": 200, "nobody": 302, "viewer": 302, "operator": 302, "approver": 302}),
     "logout": ("POST", {"anonymous": 302, "nobody": 302, "viewer": 302, "operator": 302, "approver": 302}),
-    "healthz": ("GET", {"anonymous": (200, 503), "nobody": (200, 503), "viewer": (200, 503),
-                        "operator": (200, 503), "approver": (200, 503)}),
+    "healthz": (
+        "GET",
+        {
+            "anonymous": (200, 503),
+            "nobody": (200, 503),
+            "viewer": (200, 503),
+            "operator": (200, 503),
+            "approver": (200, 503),
+        },
+    ),
 }
 
 
@@ -84,7 +100,9 @@ def waiting_job(requester: User, env_key: str) -> Job:
 
 @pytest.mark.parametrize("role", ROLES)
 @pytest.mark.parametrize("name", sorted(MATRIX))
-def test_permission_matrix(name: str, role: str, people, unprotected_env, django_capture_on_commit_callbacks) -> None:
+def test_permission_matrix(
+    name: str, role: str, people, unprotected_env, django_capture_on_commit_callbacks
+) -> None:
     method, expected_by_role = MATRIX[name]
     expected = expected_by_role[role]
     requester = make_user("requester", "Operator")
@@ -134,7 +152,9 @@ def test_permission_matrix(name: str, role: str, people, unprotected_env, django
         assert job.status == JobStatus.AWAITING_APPROVAL
 
 
-def test_an_operator_cancels_their_own_job_over_http(people, unprotected_env, django_capture_on_commit_callbacks):
+def test_an_operator_cancels_their_own_job_over_http(
+    people, unprotected_env, django_capture_on_commit_callbacks
+):
     client = Client()
     client.force_login(people["operator"])
     with django_capture_on_commit_callbacks(execute=False):

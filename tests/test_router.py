@@ -28,12 +28,16 @@ def test_a_mirror_write_without_environment_raises(model) -> None:
 
 @pytest.mark.django_db(databases="__all__")
 @pytest.mark.parametrize("model", MIRRORS)
-def test_a_mirror_query_with_environment_reads_that_environment(model, unprotected_env, clean_environments) -> None:
+def test_a_mirror_query_with_environment_reads_that_environment(
+    model, unprotected_env, clean_environments
+) -> None:
     assert list(model.objects.using(unprotected_env.alias).all()[:1]) == []
 
 
 @pytest.mark.django_db(databases="__all__", transaction=True)
-def test_mirrors_read_what_the_platform_wrote_and_tolerate_extra_columns(unprotected_env, clean_environments) -> None:
+def test_mirrors_read_what_the_platform_wrote_and_tolerate_extra_columns(
+    unprotected_env, clean_environments
+) -> None:
     with connections[unprotected_env.alias].cursor() as cursor:
         cursor.execute("ALTER TABLE billing.billings ADD COLUMN IF NOT EXISTS tenant text DEFAULT 'x'")
         cursor.execute("ALTER TYPE billing.billing_status ADD VALUE IF NOT EXISTS 'ARCHIVED_SOMEHOW'")
@@ -42,8 +46,10 @@ def test_mirrors_read_what_the_platform_wrote_and_tolerate_extra_columns(unprote
             "INSERT INTO billing.billings (id, billing_number, status, process_stage) "
             "VALUES (7, 'BILLING7', 'ARCHIVED_SOMEHOW', 'DRAFT')"
         )
-        cursor.execute("INSERT INTO lock.locks (id, lock_key, entity_type, entity_id, billing_id, system_lock) "
-                       "VALUES ('L1', 'customers:1', 'customers', '1', 7, true)")
+        cursor.execute(
+            "INSERT INTO lock.locks (id, lock_key, entity_type, entity_id, billing_id, system_lock) "
+            "VALUES ('L1', 'customers:1', 'customers', '1', 7, true)"
+        )
     run = BillingRun.objects.using(unprotected_env.alias).get(pk=7)
     assert run.status == "ARCHIVED_SOMEHOW"
     lock = Lock.objects.using(unprotected_env.alias).get()
@@ -63,6 +69,7 @@ def test_dashboard_models_migrate_only_in_default() -> None:
 @pytest.mark.django_db(databases="__all__")
 def test_no_dashboard_table_exists_in_an_environment_database(unprotected_env) -> None:
     with connections[unprotected_env.alias].cursor() as cursor:
-        cursor.execute("SELECT count(*) FROM pg_tables WHERE tablename LIKE 'billing_ops_%%' "
-                       "OR tablename LIKE 'auth_%%'")
+        cursor.execute(
+            "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'billing_ops_%%' OR tablename LIKE 'auth_%%'"
+        )
         assert cursor.fetchone()[0] == 0
