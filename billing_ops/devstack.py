@@ -505,7 +505,9 @@ def cmd_run() -> int:
         )
     stack = Stack()
     supervisor = Supervisor()
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    # Started from a script, SIGINT may arrive ignored; Ctrl-C and SIGTERM both mean "stop".
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         os.environ.setdefault("BILLING_OPS_DEMO", "1")
         stack.up()
@@ -557,6 +559,7 @@ def cmd_run() -> int:
             "worker",
         )
         supervisor.start("beat", [py, "-m", "celery", "-A", "billing_ops", "beat", "-l", "INFO"], "beat")
+        _wait_until_healthy(port, supervisor)
         _print_banner(port)
         name, code = supervisor.wait_any()
         say(f"{name} exited with code {code}; stopping everything")
@@ -567,6 +570,30 @@ def cmd_run() -> int:
     finally:
         supervisor.stop_all()
         stack.down()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _wait_until_healthy(port: int, supervisor: Supervisor) -> None:
+    """Print the banner only when the web server answers and a worker has reported in."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        for name, proc in supervisor.children.items():
+            if proc.poll() is not None:
+                raise SystemExit(f"[devstack] {name} exited during start-up (code {proc.returncode})")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
+                if json.loads(response.read()).get("ok"):
+                    return
+        except (urllib.error.URLError, OSError, ValueError):
+            pass  # not up yet (503 while no worker has reported in is a URLError too)
+        time.sleep(1)
+    say("the stack did not report healthy within a minute; see the logs above and /healthz")
 
 
 def _print_banner(port: int) -> None:

@@ -210,3 +210,11 @@ def get_environment(key: str) -> Environment:
         return settings.ENVIRONMENTS[key]
     except (KeyError, TypeError):
         raise UnknownEnvironment(f"unknown environment {key!r}") from None
+
+
+def environment_label(key: str) -> str:
+    """The environment's label, or its key if it is no longer configured."""
+    from django.conf import settings
+
+    env = settings.ENVIRONMENTS.get(key)
+    return env.label if env else key

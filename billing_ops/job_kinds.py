@@ -53,6 +53,12 @@ def get_kind(name: str) -> JobKind:
         raise LookupError(f"unknown job kind {name!r}") from None
 
 
+def kind_label(name: str) -> str | Promise:
+    """The kind's label, or its name if the kind is no longer configured."""
+    kind = REGISTRY.get(name)
+    return kind.label if kind else name
+
+
 ENVIRONMENT_CHECK = register(
     JobKind(
         name="environment_check",

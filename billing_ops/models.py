@@ -111,6 +111,18 @@ class Job(models.Model):
         return f"#{self.pk} {self.kind} {self.environment}"
 
     @property
+    def kind_label(self) -> str:
+        from billing_ops.job_kinds import kind_label
+
+        return str(kind_label(self.kind))
+
+    @property
+    def environment_label(self) -> str:
+        from billing_ops.environments import environment_label
+
+        return environment_label(self.environment) if self.environment else ""
+
+    @property
     def is_finished(self) -> bool:
         return self.status in FINISHED_STATUSES
 

@@ -240,6 +240,8 @@ CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
 LANGUAGE_CODE = "en"
 TIME_ZONE = os.environ.get("BILLING_OPS_DISPLAY_TIME_ZONE", "UTC")
 USE_I18N = True
+# Dates and times as operators read them in logs: ISO order, with the zone shown.
+FORMAT_MODULE_PATH = ["billing_ops.formats"]
 USE_TZ = True
 
 STATIC_URL = "static/"
