@@ -94,19 +94,25 @@ def job_request(*, actor: User, kind: str, environment: str, params: dict[str, A
     return job
 
 
+def _job_for_decision(*, actor: User, job_id: int) -> Job:
+    """Lock a job an approver is about to decide on; refuse their own and decided ones."""
+    access.require_approver(actor)
+    job = Job.objects.select_for_update().get(pk=job_id)
+    if job.requested_by_id == actor.pk:
+        raise PermissionDenied(_("Nobody approves or refuses their own request."))
+    if job.status != JobStatus.AWAITING_APPROVAL:
+        raise ValidationError(
+            _("Job #%(id)s is %(status)s, not awaiting approval.")
+            % {"id": job.pk, "status": job.get_status_display()}
+        )
+    return job
+
+
 def job_approve(*, actor: User, job_id: int, digest: str, comment: str = "") -> Job:
     """Approve a waiting job. The approver must not be the requester, and must have seen
     exactly these parameters (``digest`` comes from the page the approver read)."""
-    access.require_approver(actor)
     with transaction.atomic():
-        job = Job.objects.select_for_update().get(pk=job_id)
-        if job.requested_by_id == actor.pk:
-            raise PermissionDenied(_("Nobody approves their own request."))
-        if job.status != JobStatus.AWAITING_APPROVAL:
-            raise ValidationError(
-                _("Job #%(id)s is %(status)s, not awaiting approval.")
-                % {"id": job.pk, "status": job.get_status_display()}
-            )
+        job = _job_for_decision(actor=actor, job_id=job_id)
         if digest != job.params_digest:
             raise ValidationError(_("The job's parameters changed since you reviewed them; review it again."))
         job.status = JobStatus.QUEUED
@@ -126,16 +132,8 @@ def job_approve(*, actor: User, job_id: int, digest: str, comment: str = "") -> 
 
 
 def job_refuse(*, actor: User, job_id: int, comment: str = "") -> Job:
-    access.require_approver(actor)
     with transaction.atomic():
-        job = Job.objects.select_for_update().get(pk=job_id)
-        if job.requested_by_id == actor.pk:
-            raise PermissionDenied(_("Nobody decides on their own request."))
-        if job.status != JobStatus.AWAITING_APPROVAL:
-            raise ValidationError(
-                _("Job #%(id)s is %(status)s, not awaiting approval.")
-                % {"id": job.pk, "status": job.get_status_display()}
-            )
+        job = _job_for_decision(actor=actor, job_id=job_id)
         job.status = JobStatus.REFUSED
         job.approved_by = actor
         job.approved_at = timezone.now()
