@@ -765,7 +765,7 @@ def _seed_marker(cursor: Any) -> str | None:
     return row[0] if row else None
 
 
-def _counts(cursor: Any) -> dict[str, int]:
+def _counts(cursor: Any) -> dict[str, Any]:
     cursor.execute(
         """
         SELECT (SELECT count(*) FROM billing.billings),

@@ -106,8 +106,9 @@ class PrivatePostgres:
 
         return Path(POSTGRES_BIN_PATH)
 
-    def _run_as(self) -> dict[str, object]:
-        return {"user": PG_SYSTEM_USER} if os.geteuid() == 0 else {}
+    def _run_as(self) -> str | None:
+        """The system user PostgreSQL's binaries run as (None: the current one)."""
+        return PG_SYSTEM_USER if os.geteuid() == 0 else None
 
     def _prepare_root_permissions(self) -> None:
         """As root, PostgreSQL runs as an unprivileged system user (like pgserver does)."""
@@ -138,7 +139,7 @@ class PrivatePostgres:
             [str(self.bin / "pg_ctl"), "status", "-D", str(self.data)],
             capture_output=True,
             text=True,
-            **self._run_as(),  # type: ignore[arg-type]
+            user=self._run_as(),
         )
         return result.returncode == 0
 
@@ -176,7 +177,7 @@ class PrivatePostgres:
                     check=True,
                     capture_output=True,
                     text=True,
-                    **self._run_as(),  # type: ignore[arg-type]
+                    user=self._run_as(),
                 )
             finally:
                 pwfile.unlink(missing_ok=True)
@@ -209,7 +210,7 @@ class PrivatePostgres:
             ],
             capture_output=True,
             text=True,
-            **self._run_as(),  # type: ignore[arg-type]
+            user=self._run_as(),
         )
         if result.returncode != 0:
             tail = self.log.read_text()[-2000:] if self.log.exists() else ""
@@ -222,7 +223,7 @@ class PrivatePostgres:
                 [str(self.bin / "pg_ctl"), "stop", "-m", "fast", "-w", "-D", str(self.data)],
                 capture_output=True,
                 text=True,
-                **self._run_as(),  # type: ignore[arg-type]
+                user=self._run_as(),
             )
 
 
@@ -395,8 +396,7 @@ def demo_environment_urls(database_url: str) -> dict[str, str]:
     for key, entry in entries.items():
         var = entry.get("url_env")
         if var and not os.environ.get(var):
-            params = {**base, "dbname": f"billing_ops_demo_{key}"}
-            urls[var] = _conninfo_to_url(make_conninfo(**params))
+            urls[var] = _conninfo_to_url(make_conninfo("", **{**base, "dbname": f"billing_ops_demo_{key}"}))
     return urls
 
 
@@ -418,7 +418,7 @@ def ensure_databases(database_url: str, names: list[str | None]) -> None:
     """Create the dashboard's and the demo environments' databases where they are missing."""
     import psycopg
     from psycopg import sql
-    from psycopg.conninfo import conninfo_to_dict
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
     wanted = {n for n in names if n}
     wanted.add(str(conninfo_to_dict(database_url)["dbname"]))
@@ -426,8 +426,8 @@ def ensure_databases(database_url: str, names: list[str | None]) -> None:
     for var in _demo_url_vars():
         if os.environ.get(var):
             wanted.add(str(conninfo_to_dict(os.environ[var])["dbname"]))
-    admin = {**conninfo_to_dict(database_url), "dbname": "postgres", "connect_timeout": "5"}
-    with psycopg.connect(**admin, autocommit=True) as conn:
+    admin = make_conninfo(database_url, dbname="postgres", connect_timeout=5)
+    with psycopg.connect(admin, autocommit=True) as conn:
         existing = {row[0] for row in conn.execute("SELECT datname FROM pg_database")}
         for name in sorted(wanted - existing):
             say(f"creating database {name}")

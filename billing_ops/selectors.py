@@ -172,8 +172,10 @@ def health_report() -> dict[str, Any]:
         report["redis"] = {"ok": True, "latency_ms": round((time.monotonic() - started) * 1000, 1)}
         prefix = settings.WORKER_HEARTBEAT_KEY_PREFIX
         for key in client.scan_iter(match=f"{prefix}*", count=100):
+            name = key.decode() if isinstance(key, bytes) else str(key)
             seen = client.get(key)
-            workers.append({"name": key.decode()[len(prefix) :], "last_seen": seen.decode() if seen else ""})
+            last_seen = seen.decode() if isinstance(seen, bytes) else str(seen or "")
+            workers.append({"name": name[len(prefix) :], "last_seen": last_seen})
     except Exception as exc:
         report["redis"] = {"ok": False, "error": _describe_error(exc)}
     report["workers"] = sorted(workers, key=lambda w: w["name"])

@@ -26,7 +26,7 @@ from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
-from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+from django.contrib.auth.models import AbstractBaseUser, AnonymousUser, User
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import connections, transaction
 from django.db.models import F, Q
@@ -41,7 +41,13 @@ from billing_ops.models import Job, JobLogLine, JobStatus
 
 logger = logging.getLogger(__name__)
 
-User = AbstractBaseUser | AnonymousUser
+# Who acts: views pass request.user; the access checks reject anyone not signed in.
+Actor = AbstractBaseUser | AnonymousUser
+
+
+def _user(actor: Actor) -> User:
+    assert isinstance(actor, User), "access checks let only signed-in users through"
+    return actor
 
 
 class JobCancelled(Exception):
@@ -69,7 +75,7 @@ def job_log(job_id: int, message: str, *, level: str = "info") -> None:
 # --- Requests and decisions ------------------------------------------------------------
 
 
-def job_request(*, actor: User, kind: str, environment: str, params: dict[str, Any] | None = None) -> Job:
+def job_request(*, actor: Actor, kind: str, environment: str, params: dict[str, Any] | None = None) -> Job:
     """Record a job (awaiting approval, or queued and dispatched after commit)."""
     access.require_operator(actor)
     job_kind = get_kind(kind)
@@ -84,7 +90,7 @@ def job_request(*, actor: User, kind: str, environment: str, params: dict[str, A
             params=params,
             params_digest=digest,
             status=status,
-            requested_by=actor,
+            requested_by=_user(actor),
         )
         job_log(job.pk, _("Requested by %(user)s.") % {"user": actor.get_username()})
         if status == JobStatus.QUEUED:
@@ -94,7 +100,7 @@ def job_request(*, actor: User, kind: str, environment: str, params: dict[str, A
     return job
 
 
-def _job_for_decision(*, actor: User, job_id: int) -> Job:
+def _job_for_decision(*, actor: Actor, job_id: int) -> Job:
     """Lock a job an approver is about to decide on; refuse their own and decided ones."""
     access.require_approver(actor)
     job = Job.objects.select_for_update().get(pk=job_id)
@@ -108,7 +114,7 @@ def _job_for_decision(*, actor: User, job_id: int) -> Job:
     return job
 
 
-def job_approve(*, actor: User, job_id: int, digest: str, comment: str = "") -> Job:
+def job_approve(*, actor: Actor, job_id: int, digest: str, comment: str = "") -> Job:
     """Approve a waiting job. The approver must not be the requester, and must have seen
     exactly these parameters (``digest`` comes from the page the approver read)."""
     with transaction.atomic():
@@ -116,7 +122,7 @@ def job_approve(*, actor: User, job_id: int, digest: str, comment: str = "") -> 
         if digest != job.params_digest:
             raise ValidationError(_("The job's parameters changed since you reviewed them; review it again."))
         job.status = JobStatus.QUEUED
-        job.approved_by = actor
+        job.approved_by = _user(actor)
         job.approved_at = timezone.now()
         job.approved_digest = digest
         job.decision_comment = comment
@@ -131,11 +137,11 @@ def job_approve(*, actor: User, job_id: int, digest: str, comment: str = "") -> 
     return job
 
 
-def job_refuse(*, actor: User, job_id: int, comment: str = "") -> Job:
+def job_refuse(*, actor: Actor, job_id: int, comment: str = "") -> Job:
     with transaction.atomic():
         job = _job_for_decision(actor=actor, job_id=job_id)
         job.status = JobStatus.REFUSED
-        job.approved_by = actor
+        job.approved_by = _user(actor)
         job.approved_at = timezone.now()
         job.decision_comment = comment
         job.finished_at = timezone.now()
@@ -147,7 +153,7 @@ def job_refuse(*, actor: User, job_id: int, comment: str = "") -> Job:
     return job
 
 
-def job_cancel(*, actor: User, job_id: int) -> Job:
+def job_cancel(*, actor: Actor, job_id: int) -> Job:
     """Cancel a job that has not started; ask a running one to stop at its next safe point."""
     access.require_operator_or_approver(actor)
     with transaction.atomic():
@@ -184,7 +190,7 @@ def job_dispatch(*, job_id: int) -> bool:
         # A connection of its own, opened with the broker's short connect timeout: a pooled
         # one could hang on a half-dead socket, and publishing never retries here.
         with app.connection_for_write() as connection:
-            run_job.apply_async(args=[job_id], connection=connection, retry=False)
+            run_job.apply_async((job_id,), connection=connection, retry=False)  # type: ignore[call-arg]
     except Exception as exc:  # kombu/redis errors: the broker is unreachable
         logger.warning("dispatch of job %s failed: %s", job_id, exc)
         Job.objects.filter(pk=job_id, status=JobStatus.QUEUED).update(
@@ -214,7 +220,7 @@ def jobs_sweep() -> SweepReport:
         kind = get_kind(job.kind)
         lost = _("The worker %(worker)s stopped responding (last heartbeat %(at)s).") % {
             "worker": job.worker or "?",
-            "at": job.heartbeat_at.isoformat(timespec="seconds"),
+            "at": job.heartbeat_at.isoformat(timespec="seconds") if job.heartbeat_at else "?",
         }
         if kind.resumable and job.attempts < kind.max_attempts:
             claimed = Job.objects.filter(pk=job.pk, status=JobStatus.RUNNING, attempts=job.attempts).update(

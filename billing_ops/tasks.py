@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from celery import shared_task
+from celery import Task, shared_task
 
 from billing_ops import services
 
 
 @shared_task(name="billing_ops.tasks.run_job", bind=True, acks_late=True, reject_on_worker_lost=True)
-def run_job(self, job_id: int) -> str:  # type: ignore[no-untyped-def]
+def run_job(self: Task, job_id: int) -> str:
     return services.job_execute(job_id=job_id, worker=self.request.hostname)
 
 
