@@ -23,12 +23,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from django.core.exceptions import ImproperlyConfigured
 
 ALIAS_PREFIX = "env_"
 KEY_RE = re.compile(r"^[a-z][a-z0-9_]{0,30}$")
-ALLOWED_KEYS = {"label", "url", "url_env", "protected", "demo", "allow_restore"}
+ALLOWED_KEYS = {"label", "url", "url_env", "protected", "demo", "allow_restore", "time_zone"}
 
 DEFAULT_CONNECT_TIMEOUT_S = 3
 DEFAULT_STATEMENT_TIMEOUT_MS = 30_000
@@ -48,6 +49,8 @@ class Environment:
     demo: bool = False
     allow_restore: bool = False
     conninfo: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
+    # The platform stores `timestamp without time zone`; this is the zone those values are in.
+    time_zone: str = "UTC"
 
     @property
     def alias(self) -> str:
@@ -135,6 +138,11 @@ def load_environments(path: str | Path, environ: Mapping[str, str] = os.environ)
                 raise ImproperlyConfigured(f"{where}: url must be a string")
             url_where = where
         conninfo = parse_database_url(url, where=url_where)
+        time_zone = entry.get("time_zone", "UTC")
+        try:
+            ZoneInfo(time_zone)
+        except (ZoneInfoNotFoundError, ValueError, TypeError):
+            raise ImproperlyConfigured(f"{where}: unknown time_zone {time_zone!r}") from None
         result[key] = Environment(
             key=key,
             label=label.strip(),
@@ -143,6 +151,7 @@ def load_environments(path: str | Path, environ: Mapping[str, str] = os.environ)
             demo=entry.get("demo", False),
             allow_restore=entry.get("allow_restore", False),
             conninfo=conninfo,
+            time_zone=time_zone,
         )
     return result
 

@@ -224,6 +224,16 @@ CELERY_BEAT_SCHEDULE = {
 # Workers report a heartbeat into Redis under this key prefix; /healthz reads it.
 WORKER_HEARTBEAT_KEY_PREFIX = f"billing_ops:worker:{CELERY_QUEUE}:"
 
+# --- Stuck-lock monitor ------------------------------------------------------------------
+# An IN_PROGRESS_ACCOUNTING run not modified for this long: its worker thread likely died.
+STALE_RUN_AFTER_MIN = env_int("BILLING_OPS_STALE_RUN_AFTER_MIN", 120, minimum=1)
+# The overview's per-environment budget; a slower environment is shown as timed out.
+OVERVIEW_STATEMENT_TIMEOUT_MS = env_int("BILLING_OPS_OVERVIEW_STATEMENT_TIMEOUT_MS", 10_000, minimum=100)
+SNAPSHOT_INTERVAL_S = env_int("BILLING_OPS_SNAPSHOT_INTERVAL_S", 900, minimum=10)
+# Alerts turn critical when stuck locks are older than this, or more than this many.
+ALERT_CRITICAL_AGE_H = env_int("BILLING_OPS_ALERT_CRITICAL_AGE_H", 24, minimum=1)
+ALERT_CRITICAL_LOCKS = env_int("BILLING_OPS_ALERT_CRITICAL_LOCKS", 10_000, minimum=1)
+
 # --- Auth, i18n, static ------------------------------------------------------------------
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
