@@ -210,9 +210,11 @@ SELECT
     (SELECT coalesce(sum(locks), 0) FROM per_run WHERE billing_id IS NULL) AS locks_without_billing,
     (SELECT coalesce(sum(locks), 0) FROM held WHERE status = 'COMPLETED') AS stuck_locks,
     (SELECT count(*) FROM billing.billings
-      WHERE status::text = 'IN_PROGRESS_ACCOUNTING' AND modify_date < (now() AT TIME ZONE %(tz)s) - %(stale)s) AS stale_runs,
+      WHERE status::text = 'IN_PROGRESS_ACCOUNTING'
+        AND modify_date < (now() AT TIME ZONE %(tz)s) - %(stale)s) AS stale_runs,
     (SELECT coalesce(sum(locks), 0) FROM held
-      WHERE status = 'IN_PROGRESS_ACCOUNTING' AND modify_date < (now() AT TIME ZONE %(tz)s) - %(stale)s) AS stale_runs_locks,
+      WHERE status = 'IN_PROGRESS_ACCOUNTING'
+        AND modify_date < (now() AT TIME ZONE %(tz)s) - %(stale)s) AS stale_runs_locks,
     (SELECT count(*) FROM held WHERE status = ANY(%(error_statuses)s)) AS error_path_runs_with_locks,
     (SELECT count(*) FROM billing.billings
       WHERE status::text = 'COMPLETED' AND process_stage = %(initial_stage)s) AS unreal_completed_runs,
