@@ -321,14 +321,20 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _holders_update(add: int | None = None, remove: int | None = None) -> list[int]:
-    holders = [pid for pid in _read_state(HOLDERS_FILE).get("pids", []) if _alive(pid)]  # type: ignore[attr-defined]
+def _holders_update(
+    add: int | None = None, remove: int | None = None, pinned: bool | None = None
+) -> tuple[list[int], bool]:
+    """Live devstack processes using the private services, and whether `devstack up` pinned
+    them (then only `devstack down` stops them)."""
+    state = _read_state(HOLDERS_FILE)
+    holders = [pid for pid in state.get("pids", []) if _alive(pid)]  # type: ignore[attr-defined]
+    is_pinned = bool(state.get("pinned")) if pinned is None else pinned
     if add is not None and add not in holders:
         holders.append(add)
     if remove is not None and remove in holders:
         holders.remove(remove)
-    _write_private(HOLDERS_FILE, json.dumps({"pids": holders}))
-    return holders
+    _write_private(HOLDERS_FILE, json.dumps({"pids": holders, "pinned": is_pinned}))
+    return holders, is_pinned
 
 
 class Stack:
@@ -365,9 +371,12 @@ class Stack:
 
     def down(self, *, force: bool = False) -> None:
         with file_lock(VAR_DIR / "devstack.lock"):
-            others = _holders_update(remove=os.getpid())
+            others, pinned = _holders_update(remove=os.getpid(), pinned=False if force else None)
             if others and not force:
                 say(f"private services stay up for devstack process(es) {others}")
+                return
+            if pinned and not force:
+                say("private services stay up (started by `make services`; `make stop` stops them)")
                 return
             if self.redis:
                 self.redis.stop()
@@ -631,6 +640,9 @@ def main(argv: list[str]) -> int:
         return cmd_test(argv[1:])
     if command == "up":
         env = Stack().up()
+        if env:
+            with file_lock(VAR_DIR / "devstack.lock"):
+                _holders_update(remove=os.getpid(), pinned=True)
         say("services are up; their URLs are in var/devstack.env" if env else "using the configured services")
         return 0
     if command == "down":

@@ -191,3 +191,17 @@ def health_report() -> dict[str, Any]:
     }
     report["ok"] = bool(report["default_database"]["ok"] and report["redis"]["ok"] and workers)
     return report
+
+
+# The job kind that releases locks (registered by the cleanup feature).
+LOCK_RELEASE_KIND = "lock_release"
+
+
+def last_finished_jobs(*, kind: str, environments: list[str]) -> dict[str, Job]:
+    """The most recent successful job of a kind per environment (e.g. the last cleanup)."""
+    jobs = (
+        Job.objects.filter(kind=kind, environment__in=environments, status="succeeded")
+        .order_by("environment", "-finished_at")
+        .distinct("environment")
+    )
+    return {job.environment: job for job in jobs}

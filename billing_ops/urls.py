@@ -1,14 +1,14 @@
 from __future__ import annotations
 
 from django.contrib.auth import views as auth_views
-from django.urls import path
+from django.urls import include, path
 
 from billing_ops import views
 
 handler403 = "billing_ops.views.permission_denied"
 
 urlpatterns = [
-    path("", views.overview, name="overview"),
+    path("", include("locks.urls")),
     path("login/", auth_views.LoginView.as_view(redirect_authenticated_user=True), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("healthz", views.healthz, name="healthz"),

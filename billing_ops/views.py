@@ -13,7 +13,6 @@ from django.views.decorators.http import require_GET, require_POST
 from django_tables2 import RequestConfig
 
 from billing_ops import access, selectors, services
-from billing_ops.environments import all_environments
 from billing_ops.filters import JobFilter
 from billing_ops.forms import DecisionForm, EnvironmentCheckForm
 from billing_ops.job_kinds import get_kind
@@ -26,22 +25,6 @@ JOBS_PER_PAGE = 50
 def _get_job_for_user(request: HttpRequest, job_id: int) -> Job:
     access.require_viewer(request.user)
     return get_object_or_404(Job.objects.select_related("requested_by", "approved_by"), pk=job_id)
-
-
-@require_GET
-def overview(request: HttpRequest) -> HttpResponse:
-    access.require_viewer(request.user)
-    probes = selectors.environments_probe(all_environments())
-    recent = selectors.jobs_recent()[:10]
-    return render(
-        request,
-        "billing_ops/overview.html",
-        {
-            "probes": probes,
-            "recent_jobs": recent,
-            "check_form": EnvironmentCheckForm(),
-        },
-    )
 
 
 @require_GET

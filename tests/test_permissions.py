@@ -25,6 +25,11 @@ READ_ONLY = {"anonymous": "login", "nobody": 403, "viewer": 200, "operator": 200
 # url name -> (method, expected outcome per role). "login" = redirect to the login page.
 MATRIX: dict[str, tuple[str, dict[str, Any]]] = {
     "overview": ("GET", READ_ONLY),
+    "stuck_runs": ("GET", READ_ONLY),
+    "suspicious_runs": ("GET", READ_ONLY),
+    "run_detail": ("GET", {**READ_ONLY, "viewer": 404, "operator": 404, "approver": 404}),
+    "locks_without_run": ("GET", READ_ONLY),
+    "procedure": ("GET", READ_ONLY),
     "environment_detail": ("GET", READ_ONLY),
     "job_list": ("GET", READ_ONLY),
     "approval_list": ("GET", READ_ONLY),
@@ -110,8 +115,10 @@ def test_permission_matrix(
     if name == "job_cancel" and role == "operator":
         pass  # someone else's job: an operator may cancel only their own (tested below)
     kwargs = {"job_id": job.pk} if name.startswith("job_") and name not in ("job_list",) else {}
-    if name == "environment_detail":
+    if name in ("environment_detail", "stuck_runs", "suspicious_runs", "locks_without_run", "procedure"):
         kwargs = {"env_key": unprotected_env.key}
+    if name == "run_detail":
+        kwargs = {"env_key": unprotected_env.key, "run_id": 424242}  # no such run: 404 once allowed
     from django.urls import reverse
 
     url = reverse(name, kwargs=kwargs)

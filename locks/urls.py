@@ -1,0 +1,14 @@
+from __future__ import annotations
+
+from django.urls import path
+
+from locks import views
+
+urlpatterns = [
+    path("", views.overview, name="overview"),
+    path("environments/<str:env_key>/stuck-runs/", views.stuck_runs, name="stuck_runs"),
+    path("environments/<str:env_key>/suspicious-runs/", views.suspicious_runs, name="suspicious_runs"),
+    path("environments/<str:env_key>/runs/<int:run_id>/", views.run_detail, name="run_detail"),
+    path("environments/<str:env_key>/locks-without-run/", views.locks_without_run, name="locks_without_run"),
+    path("environments/<str:env_key>/procedure/", views.procedure, name="procedure"),
+]

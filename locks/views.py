@@ -1,0 +1,146 @@
+"""Pages of the stuck-lock monitor: parse, check access, call selectors, render."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from django.conf import settings
+from django.core.cache import cache
+from django.http import Http404, HttpRequest, HttpResponse
+from django.shortcuts import render
+from django.views.decorators.http import require_GET
+from django_tables2 import LazyPaginator, RequestConfig
+
+from billing_ops import access
+from billing_ops.environments import Environment, all_environments
+from billing_ops.models import BillingRun, Job
+from billing_ops.selectors import LOCK_RELEASE_KIND, last_finished_jobs
+from locks import selectors
+from locks.filters import StuckRunFilter
+from locks.models import Lock
+from locks.tables import LOCKS_PER_PAGE, STUCK_RUNS_PER_PAGE, LockTable, RunsTable
+
+
+@dataclass(frozen=True)
+class OverviewRow:
+    status: selectors.EnvironmentStatus
+    last_cleanup: Job | None
+
+
+# Listing an environment's entity types reads every lock; the filter's choices can be
+# a few minutes old.
+ENTITY_TYPES_CACHE_S = 600
+
+
+def _entity_types(env: Environment) -> list[str]:
+    key = f"locks:entity-types:{env.key}"
+    types = cache.get(key)
+    if types is None:
+        types = selectors.locked_entity_types(env)
+        cache.set(key, types, ENTITY_TYPES_CACHE_S)
+    return list(types)
+
+
+@require_GET
+def overview(request: HttpRequest) -> HttpResponse:
+    access.require_viewer(request.user)
+    envs = all_environments()
+    statuses = selectors.environments_status(envs)
+    cleanups = last_finished_jobs(kind=LOCK_RELEASE_KIND, environments=[e.key for e in envs])
+    rows = [OverviewRow(status=s, last_cleanup=cleanups.get(s.env.key)) for s in statuses]
+    return render(request, "locks/overview.html", {"rows": rows})
+
+
+@require_GET
+def stuck_runs(request: HttpRequest, env_key: str) -> HttpResponse:
+    env = access.get_environment_for_user(request.user, env_key)
+    run_filter = StuckRunFilter(request.GET, entity_types=_entity_types(env))
+    rows = selectors.stuck_runs(env, run_filter.run_filters())
+    table = RunsTable(rows, env_key=env.key)
+    RequestConfig(request, paginate={"per_page": STUCK_RUNS_PER_PAGE}).configure(table)
+    return render(
+        request,
+        "locks/stuck_runs.html",
+        {
+            "env": env,
+            "filter": run_filter,
+            "table": table,
+            "run_count": len(rows),
+            "lock_count": sum(r["lock_count"] for r in rows),
+        },
+    )
+
+
+@require_GET
+def suspicious_runs(request: HttpRequest, env_key: str) -> HttpResponse:
+    env = access.get_environment_for_user(request.user, env_key)
+    sections = [
+        ("error", selectors.error_path_runs(env)),
+        ("stale", selectors.stale_runs(env)),
+        ("unreal", selectors.unreal_completed_runs(env)),
+    ]
+    tables = {name: RunsTable(rows, env_key=env.key, prefix=f"{name}-") for name, rows in sections}
+    for table in tables.values():
+        RequestConfig(request, paginate={"per_page": STUCK_RUNS_PER_PAGE}).configure(table)
+    return render(
+        request,
+        "locks/suspicious_runs.html",
+        {
+            "env": env,
+            "tables": tables,
+            "stale_after_min": settings.STALE_RUN_AFTER_MIN,
+        },
+    )
+
+
+@require_GET
+def run_detail(request: HttpRequest, env_key: str, run_id: int) -> HttpResponse:
+    env = access.get_environment_for_user(request.user, env_key)
+    run = BillingRun.objects.using(env.alias).filter(pk=run_id).first()
+    if run is None:
+        raise Http404("No such billing run in this environment.")
+    summary = selectors.run_locks_summary(env, run_id)
+    table = LockTable(Lock.objects.using(env.alias).filter(billing_id=run_id).order_by("id"))
+    RequestConfig(request, paginate={"paginator_class": LazyPaginator, "per_page": LOCKS_PER_PAGE}).configure(
+        table
+    )
+    return render(
+        request,
+        "locks/run_detail.html",
+        {
+            "env": env,
+            "run": run,
+            "created": selectors.aware(env, run.create_date),
+            "modified": selectors.aware(env, run.modify_date),
+            "summary": summary,
+            "problem": selectors.run_problem(env, run, summary.total),
+            "table": table,
+        },
+    )
+
+
+@require_GET
+def locks_without_run(request: HttpRequest, env_key: str) -> HttpResponse:
+    env = access.get_environment_for_user(request.user, env_key)
+    groups, shape = selectors.locks_without_run(env)
+    table = LockTable(Lock.objects.using(env.alias).filter(billing_id__isnull=True).order_by("id"))
+    RequestConfig(request, paginate={"paginator_class": LazyPaginator, "per_page": LOCKS_PER_PAGE}).configure(
+        table
+    )
+    return render(
+        request,
+        "locks/locks_without_run.html",
+        {
+            "env": env,
+            "groups": groups,
+            "shape": shape,
+            "total": sum(g.count for g in groups),
+            "table": table,
+        },
+    )
+
+
+@require_GET
+def procedure(request: HttpRequest, env_key: str) -> HttpResponse:
+    env = access.get_environment_for_user(request.user, env_key)
+    return render(request, "locks/procedure.html", {"env": env, "procedure": selectors.procedure_health(env)})
