@@ -12,7 +12,9 @@ from locks import selectors
 from locks.selectors import STUCK_RUNS_SQL, RunFilters
 from tests.factories import make_locks, make_run
 
-pytestmark = pytest.mark.django_db(databases="__all__")
+# The overview reads each environment on a connection of its own, which sees only committed
+# rows: these tests commit their data (and clean_environments empties it again).
+pytestmark = pytest.mark.django_db(databases="__all__", transaction=True)
 
 
 def seed_report(env) -> list[tuple]:
