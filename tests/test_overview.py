@@ -17,9 +17,9 @@ def test_the_overview_shows_every_environment(client_for, viewer, unprotected_en
     response = client_for(viewer).get("/")
     assert response.status_code == 200
     page = response.content.decode()
-    for probe in response.context["probes"]:
-        assert f'data-env="{probe.env.key}"' in page
-        assert probe.reachable, probe.error
+    for row in response.context["rows"]:
+        assert f'data-env="{row.status.env.key}"' in page
+        assert row.status.reachable, row.status.error
     assert "Queue check" not in page  # viewers get no action
 
 
@@ -31,9 +31,10 @@ def test_an_unreachable_environment_is_marked_and_the_others_render(
     )
     response = client_for(viewer).get("/")
     assert response.status_code == 200
-    probes = {p.env.key: p for p in response.context["probes"]}
-    assert not probes["down"].reachable and "Connection refused" in probes["down"].error
-    assert probes[unprotected_env.key].reachable
+    statuses = {row.status.env.key: row.status for row in response.context["rows"]}
+    assert not statuses["down"].reachable and "Connection refused" in statuses["down"].error
+    assert statuses["down"].verdict.colour == "red"
+    assert statuses[unprotected_env.key].reachable
     page = response.content.decode()
     assert "Unreachable" in page and "secret-pw" not in page
     assert client_for(viewer).get(f"/environments/{down.key}/").status_code == 200
@@ -47,10 +48,10 @@ def test_a_hung_environment_costs_no_more_than_its_timeout(
     started = time.monotonic()
     response = client_for(viewer).get("/")
     elapsed = time.monotonic() - started
-    probes = {p.env.key: p for p in response.context["probes"]}
-    assert not probes["hung"].reachable and probes[unprotected_env.key].reachable
-    # bounded by the environment's own timeouts (connect 2 s + probe 2 s + margin), not more
-    assert elapsed < 2 + 2 + 3, elapsed
+    statuses = {row.status.env.key: row.status for row in response.context["rows"]}
+    assert not statuses["hung"].reachable and statuses[unprotected_env.key].reachable
+    # bounded by the environment's own connect timeout (2 s) plus a margin, not by the others
+    assert elapsed < 2 + 3, elapsed
 
 
 def test_healthz_reports_each_dependency_without_login(extra_environment, celery_worker) -> None:
