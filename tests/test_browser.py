@@ -58,11 +58,11 @@ def test_an_operator_queues_an_environment_check_and_sees_it_succeed(
     page.fill("input[name=username]", "op-browser")
     page.fill("input[name=password]", "a-long-browser-test-password")
     page.click("button[type=submit]")
-    expect(page.locator(f'[data-env="{unprotected_env.key}"]')).to_contain_text("Reachable")
+    expect(page.locator(f'[data-env="{unprotected_env.key}"]')).to_have_attribute("data-verdict", "green")
     page.screenshot(path=str(ARTIFACTS / "overview-operator.png"), full_page=True)
 
-    page.select_option("select[name=environment]", unprotected_env.key)
-    page.click("text=Queue check")
+    page.click(f'[data-env="{unprotected_env.key}"] >> text=Environment')
+    page.click("text=Queue an environment check")
     expect(page.locator("h1")).to_contain_text("Environment check")
     job_url = page.url
     # The status fragment refreshes itself (htmx); no reload happens here.
