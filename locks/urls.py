@@ -11,4 +11,6 @@ urlpatterns = [
     path("environments/<str:env_key>/runs/<int:run_id>/", views.run_detail, name="run_detail"),
     path("environments/<str:env_key>/locks-without-run/", views.locks_without_run, name="locks_without_run"),
     path("environments/<str:env_key>/procedure/", views.procedure, name="procedure"),
+    path("report.<str:fmt>", views.report_download, name="report_download"),
+    path("metrics", views.metrics, name="metrics"),
 ]

@@ -6,7 +6,12 @@ from dataclasses import dataclass
 
 from django.conf import settings
 from django.core.cache import cache
+import hmac
+
+from django.contrib.auth.decorators import login_not_required
 from django.http import Http404, HttpRequest, HttpResponse
+from django.utils import timezone
+from django.views.decorators.cache import never_cache
 from django.shortcuts import render
 from django.views.decorators.http import require_GET
 from django_tables2 import LazyPaginator, RequestConfig
@@ -17,6 +22,8 @@ from billing_ops.models import BillingRun, Job
 from billing_ops.selectors import LOCK_RELEASE_KIND, last_finished_jobs
 from locks import selectors
 from locks.filters import StuckRunFilter
+from locks.metrics import render_metrics
+from locks.reports import lock_report, render_csv, render_json, render_markdown
 from locks.models import Lock
 from locks.tables import LOCKS_PER_PAGE, STUCK_RUNS_PER_PAGE, LockTable, RunsTable
 
@@ -144,3 +151,50 @@ def locks_without_run(request: HttpRequest, env_key: str) -> HttpResponse:
 def procedure(request: HttpRequest, env_key: str) -> HttpResponse:
     env = access.get_environment_for_user(request.user, env_key)
     return render(request, "locks/procedure.html", {"env": env, "procedure": selectors.procedure_health(env)})
+
+
+REPORT_FORMATS = {
+    "md": ("text/markdown; charset=utf-8", "markdown"),
+    "csv": ("text/csv; charset=utf-8", "csv"),
+    "json": ("application/json", "json"),
+}
+
+
+@require_GET
+def report_download(request: HttpRequest, fmt: str) -> HttpResponse:
+    """The seed report's structure from live data, for every environment."""
+    access.require_viewer(request.user)
+    if fmt not in REPORT_FORMATS:
+        raise Http404("Unknown report format.")
+    content_type, _name = REPORT_FORMATS[fmt]
+    now = timezone.localtime()
+    report = lock_report(all_environments())
+    if fmt == "json":
+        body = render_json(report)
+    elif fmt == "csv":
+        body = render_csv(report)
+    else:
+        body = render_markdown(report, generated_at=now)
+    response = HttpResponse(body, content_type=content_type)
+    filename = f"billing-run-lock-analysis-{now:%Y%m%d-%H%M}.{fmt}"
+    response["Content-Disposition"] = f'attachment; filename="{filename}"'
+    return response
+
+
+@login_not_required
+@never_cache
+@require_GET
+def metrics(request: HttpRequest) -> HttpResponse:
+    """Prometheus text format. Scrapers present BILLING_OPS_METRICS_TOKEN as a bearer token;
+    without a configured token only a signed-in viewer may read it."""
+    token = settings.METRICS_TOKEN
+    if token:
+        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), token.encode()):
+            return HttpResponse("a valid bearer token is required\n", status=401, content_type="text/plain")
+    elif not access.is_viewer(request.user):
+        return HttpResponse(
+            "sign in, or configure BILLING_OPS_METRICS_TOKEN\n", status=401, content_type="text/plain"
+        )
+    body, content_type = render_metrics(selectors.environments_status(all_environments()))
+    return HttpResponse(body, content_type=content_type)

@@ -238,3 +238,26 @@ def test_unknown_enum_labels_and_extra_columns_change_nothing(unprotected_env, c
         with connections[env.alias].cursor() as cursor:
             cursor.execute("ALTER TABLE billing.billings DROP COLUMN IF EXISTS tenant")
             cursor.execute("ALTER TABLE lock.locks DROP COLUMN IF EXISTS note")
+
+
+@pytest.mark.parametrize(
+    ("fmt", "marker"),
+    [("md", "# Billing Run Lock Analysis"), ("csv", "billing_run_id"), ("json", '"environments"')],
+)
+def test_the_report_downloads_in_each_format(shaped, client_for, viewer, fmt, marker) -> None:
+    response = client_for(viewer).get(f"/report.{fmt}")
+    assert response.status_code == 200
+    assert "attachment" in response["Content-Disposition"]
+    body = response.content.decode()
+    assert marker in body and "BILLING202512220055" in body
+
+
+def test_metrics_need_the_token_when_one_is_configured(shaped, settings, client_for, viewer) -> None:
+    from django.test import Client
+
+    settings.METRICS_TOKEN = "s3cret-token"
+    assert Client().get("/metrics").status_code == 401
+    assert client_for(viewer).get("/metrics").status_code == 401  # a session is not the token
+    response = Client().get("/metrics", HTTP_AUTHORIZATION="Bearer s3cret-token")
+    assert response.status_code == 200
+    assert f'billing_ops_completed_runs_with_locks{{environment="{shaped.key}"' in response.content.decode()

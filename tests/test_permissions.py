@@ -30,6 +30,8 @@ MATRIX: dict[str, tuple[str, dict[str, Any]]] = {
     "run_detail": ("GET", {**READ_ONLY, "viewer": 404, "operator": 404, "approver": 404}),
     "locks_without_run": ("GET", READ_ONLY),
     "procedure": ("GET", READ_ONLY),
+    "report_download": ("GET", READ_ONLY),
+    "metrics": ("GET", {"anonymous": 401, "nobody": 401, "viewer": 200, "operator": 200, "approver": 200}),
     "environment_detail": ("GET", READ_ONLY),
     "job_list": ("GET", READ_ONLY),
     "approval_list": ("GET", READ_ONLY),
@@ -117,6 +119,8 @@ def test_permission_matrix(
     kwargs = {"job_id": job.pk} if name.startswith("job_") and name not in ("job_list",) else {}
     if name in ("environment_detail", "stuck_runs", "suspicious_runs", "locks_without_run", "procedure"):
         kwargs = {"env_key": unprotected_env.key}
+    if name == "report_download":
+        kwargs = {"fmt": "json"}
     if name == "run_detail":
         kwargs = {"env_key": unprotected_env.key, "run_id": 424242}  # no such run: 404 once allowed
     from django.urls import reverse
