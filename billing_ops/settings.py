@@ -233,6 +233,8 @@ SNAPSHOT_INTERVAL_S = env_int("BILLING_OPS_SNAPSHOT_INTERVAL_S", 900, minimum=10
 # Alerts turn critical when stuck locks are older than this, or more than this many.
 ALERT_CRITICAL_AGE_H = env_int("BILLING_OPS_ALERT_CRITICAL_AGE_H", 24, minimum=1)
 ALERT_CRITICAL_LOCKS = env_int("BILLING_OPS_ALERT_CRITICAL_LOCKS", 10_000, minimum=1)
+# Bearer token Prometheus presents at /metrics; unset: only signed-in viewers may read it.
+METRICS_TOKEN = os.environ.get("BILLING_OPS_METRICS_TOKEN", "")
 
 # --- Auth, i18n, static ------------------------------------------------------------------
 AUTH_PASSWORD_VALIDATORS = [

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
+import hmac
 from dataclasses import dataclass
 
 from django.conf import settings
-from django.core.cache import cache
-import hmac
-
 from django.contrib.auth.decorators import login_not_required
+from django.core.cache import cache
 from django.http import Http404, HttpRequest, HttpResponse
+from django.shortcuts import render
 from django.utils import timezone
 from django.views.decorators.cache import never_cache
-from django.shortcuts import render
 from django.views.decorators.http import require_GET
 from django_tables2 import LazyPaginator, RequestConfig
 
@@ -23,8 +22,8 @@ from billing_ops.selectors import LOCK_RELEASE_KIND, last_finished_jobs
 from locks import selectors
 from locks.filters import StuckRunFilter
 from locks.metrics import render_metrics
-from locks.reports import lock_report, render_csv, render_json, render_markdown
 from locks.models import Lock
+from locks.reports import lock_report, render_csv, render_json, render_markdown
 from locks.tables import LOCKS_PER_PAGE, STUCK_RUNS_PER_PAGE, LockTable, RunsTable
 
 
