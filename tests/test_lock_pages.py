@@ -8,6 +8,7 @@ import pytest
 from django.db import connections
 from django.test.utils import CaptureQueriesContext
 
+from billing_ops.contract import contract_schema_apply
 from locks import selectors
 from locks.selectors import STUCK_RUNS_SQL, RunFilters
 from tests.factories import make_locks, make_run
@@ -176,8 +177,19 @@ def test_a_holder_column_is_used_when_the_platform_has_one(shaped) -> None:
     with connections[shaped.alias].cursor() as cursor:
         cursor.execute("ALTER TABLE lock.locks ADD COLUMN locked_by text")
         cursor.execute("UPDATE lock.locks SET locked_by = 'alice' WHERE billing_id IS NULL")
-    groups, shape = selectors.locks_without_run(shaped)
-    assert shape.holder_column == "locked_by" and groups[0].holder == "alice"
+    try:
+        groups, shape = selectors.locks_without_run(shaped)
+        assert shape.holder_column == "locked_by" and groups[0].holder == "alice"
+    finally:
+        with connections[shaped.alias].cursor() as cursor:
+            cursor.execute("ALTER TABLE lock.locks DROP COLUMN locked_by")
+
+
+@pytest.fixture
+def restore_procedure(unprotected_env):
+    """These tests commit a different procedure; put the contract's back afterwards."""
+    yield
+    contract_schema_apply(unprotected_env)
 
 
 @pytest.mark.parametrize(
@@ -192,7 +204,7 @@ def test_a_holder_column_is_used_when_the_platform_has_one(shaped) -> None:
         ('DELETE  FROM  "lock"."locks" l WHERE l.billing_id = p_billing_id;', "deletes locks"),
     ],
 )
-def test_procedure_health_reads_the_body(unprotected_env, body, verdict) -> None:
+def test_procedure_health_reads_the_body(unprotected_env, restore_procedure, body, verdict) -> None:
     with connections[unprotected_env.alias].cursor() as cursor:
         cursor.execute(
             "CREATE OR REPLACE PROCEDURE billing_run.make_billing_run_real(p_billing_id bigint) "
@@ -201,7 +213,7 @@ def test_procedure_health_reads_the_body(unprotected_env, body, verdict) -> None
     assert selectors.procedure_health(unprotected_env).verdict == verdict
 
 
-def test_a_missing_procedure_is_reported(unprotected_env) -> None:
+def test_a_missing_procedure_is_reported(unprotected_env, restore_procedure) -> None:
     with connections[unprotected_env.alias].cursor() as cursor:
         cursor.execute("DROP PROCEDURE billing_run.make_billing_run_real(bigint)")
     health = selectors.procedure_health(unprotected_env)
