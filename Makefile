@@ -4,11 +4,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt | cksum | cut -d' ' -f1)
 
-.PHONY: run test test-fast lint services stop status migrate seed clean help
+.PHONY: run test bench lint services stop status install clean help
 
 help:
 	@echo "make run     - web + worker + beat + demo data (private PostgreSQL/Redis unless URLs are set)"
 	@echo "make test    - the whole test suite (same bootstrap)"
+	@echo "make bench   - benchmarks on the demo data (prints figures; see README)"
 	@echo "make lint    - ruff and mypy"
 	@echo "make services / stop / status - the private PostgreSQL and Redis alone"
 
@@ -29,6 +30,9 @@ test: $(STAMP)
 # mypy loads the settings (django-stubs); these placeholders only let them load, nothing connects.
 TYPECHECK_ENV := DJANGO_SECRET_KEY=typecheck-only DATABASE_URL=postgresql://typecheck@localhost/typecheck \
 	REDIS_URL=redis://localhost/0 BILLING_OPS_ENVIRONMENTS=.ci/environments.toml
+
+bench: $(STAMP)
+	$(PY) -m billing_ops.devstack bench $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

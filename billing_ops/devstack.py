@@ -632,12 +632,27 @@ def cmd_test(args: list[str]) -> int:
         stack.down()
 
 
+def cmd_bench(args: list[str]) -> int:
+    """The benchmarks need the demo environments as `make run` builds them."""
+    stack = Stack()
+    try:
+        os.environ.setdefault("BILLING_OPS_DEMO", "1")
+        stack.up()
+        manage("migrate", "--noinput", "-v", "0")
+        manage("seed_demo")
+        return subprocess.run([sys.executable, "-m", "tests.bench.run", *args], cwd=BASE_DIR).returncode
+    finally:
+        stack.down()
+
+
 def main(argv: list[str]) -> int:
     command = argv[0] if argv else "run"
     if command == "run":
         return cmd_run()
     if command == "test":
         return cmd_test(argv[1:])
+    if command == "bench":
+        return cmd_bench(argv[1:])
     if command == "up":
         env = Stack().up()
         if env:
@@ -654,7 +669,7 @@ def main(argv: list[str]) -> int:
             state = "configured by URL" if svc is None else ("running" if svc.is_running() else "stopped")
             print(f"{name}: {state}")
         return 0
-    raise SystemExit(f"usage: python -m billing_ops.devstack run|test|up|down|status (got {command!r})")
+    raise SystemExit(f"usage: python -m billing_ops.devstack run|test|bench|up|down|status (got {command!r})")
 
 
 if __name__ == "__main__":

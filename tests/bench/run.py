@@ -1,0 +1,26 @@
+"""`make bench`: every benchmark against the demo environments, printing figures.
+
+Benchmarks are not tests: nothing here asserts a time; the figures go to the README.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import django
+
+
+def main() -> int:
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "billing_ops.settings")
+    django.setup()
+    from tests.bench import bench_locks
+
+    names = sys.argv[1:] or ["locks"]
+    if "locks" in names:
+        bench_locks.main()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
