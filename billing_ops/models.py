@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from django.conf import settings
 from django.db import models
+from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
 
@@ -146,3 +147,72 @@ class JobLogLine(models.Model):
 
     def __str__(self) -> str:
         return self.message
+
+
+# --- Notification outbox -------------------------------------------------------------------
+
+
+class NotificationChannel(models.TextChoices):
+    EMAIL = "email", _("Email")
+    WEBHOOK = "webhook", _("Webhook")
+
+
+class NotificationStatus(models.TextChoices):
+    PENDING = "pending", _("Pending")
+    SENT = "sent", _("Sent")
+    FAILED = "failed", _("Failed")
+
+
+class Notification(models.Model):
+    """One message to one recipient, written in the same transaction as the change it tells
+    of and delivered afterwards by ``billing_ops.notifications`` (see there for the claim
+    and the retries). A worker that is down delays a message; it never loses one."""
+
+    channel = models.CharField(max_length=16, choices=NotificationChannel.choices)
+    # An email address, or a webhook URL: the URL is a credential (whoever has it can post),
+    # so pages, logs and errors show only ``recipient_display``.
+    recipient = models.TextField()
+    subject = models.CharField(max_length=255)
+    body = models.TextField()
+    payload = models.JSONField(default=dict, blank=True)  # what a webhook receives
+    status = models.CharField(
+        max_length=16, choices=NotificationStatus.choices, default=NotificationStatus.PENDING
+    )
+    attempts = models.PositiveIntegerField(default=0)
+    next_attempt_at = models.DateTimeField(default=timezone.now)
+    last_error = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    sent_at = models.DateTimeField(null=True, blank=True)
+    source = models.CharField(max_length=100, blank=True)  # e.g. "alert:12"
+
+    class Meta:
+        ordering = ["-id"]
+        indexes = [
+            models.Index(
+                fields=["next_attempt_at"],
+                condition=models.Q(status="pending"),
+                name="notification_due_idx",
+            ),
+            models.Index(fields=["source"], name="notification_source_idx"),
+        ]
+        constraints = [
+            models.CheckConstraint(
+                condition=models.Q(channel__in=[c.value for c in NotificationChannel]),
+                name="notification_channel_valid",
+            ),
+            models.CheckConstraint(
+                condition=models.Q(status__in=[s.value for s in NotificationStatus]),
+                name="notification_status_valid",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.channel} to {self.recipient_display}: {self.subject}"
+
+    @property
+    def recipient_display(self) -> str:
+        if self.channel == NotificationChannel.WEBHOOK:
+            from billing_ops.notifications import webhook_display
+
+            return webhook_display(self.recipient)
+        return self.recipient

@@ -236,6 +236,51 @@ ALERT_CRITICAL_LOCKS = env_int("BILLING_OPS_ALERT_CRITICAL_LOCKS", 10_000, minim
 # Bearer token Prometheus presents at /metrics; unset: only signed-in viewers may read it.
 METRICS_TOKEN = os.environ.get("BILLING_OPS_METRICS_TOKEN", "")
 
+# --- Notifications -------------------------------------------------------------------------
+# Who hears about alerts: comma-separated addresses, and/or one Slack-compatible webhook.
+ALERT_EMAILS = env_list("BILLING_OPS_ALERT_EMAILS", "")
+for _address in ALERT_EMAILS:
+    if _address.count("@") != 1 or _address.startswith("@") or _address.endswith("@") or " " in _address:
+        raise ImproperlyConfigured(f"BILLING_OPS_ALERT_EMAILS: not an email address: {_address!r}")
+# A credential (whoever has it can post): never rendered or logged, even in this error.
+ALERT_WEBHOOK_URL = os.environ.get("BILLING_OPS_ALERT_WEBHOOK_URL", "").strip()
+if ALERT_WEBHOOK_URL and not ALERT_WEBHOOK_URL.lower().startswith(("http://", "https://")):
+    raise ImproperlyConfigured("BILLING_OPS_ALERT_WEBHOOK_URL must be an http:// or https:// URL")
+# How often beat looks for notifications that are due (new ones are also sent on commit).
+NOTIFICATION_DELIVER_INTERVAL_S = env_int("BILLING_OPS_NOTIFICATION_DELIVER_INTERVAL_S", 30, minimum=1)
+
+EMAIL_HOST = os.environ.get("DJANGO_EMAIL_HOST", "")
+EMAIL_PORT = env_int("DJANGO_EMAIL_PORT", 25, minimum=1)
+EMAIL_HOST_USER = os.environ.get("DJANGO_EMAIL_HOST_USER", "")
+EMAIL_HOST_PASSWORD = os.environ.get("DJANGO_EMAIL_HOST_PASSWORD", "")
+EMAIL_USE_TLS = env_bool("DJANGO_EMAIL_USE_TLS", False)
+# Without it an SMTP server that accepts and never answers would hold a worker forever.
+EMAIL_TIMEOUT = env_int("DJANGO_EMAIL_TIMEOUT_S", 10, minimum=1)
+DEFAULT_FROM_EMAIL = os.environ.get("DJANGO_DEFAULT_FROM_EMAIL", "billing-ops@localhost")
+SERVER_EMAIL = DEFAULT_FROM_EMAIL
+# No mail server configured: messages go to the worker's log instead of nowhere.
+EMAIL_BACKEND = (
+    "django.core.mail.backends.smtp.EmailBackend"
+    if EMAIL_HOST
+    else "django.core.mail.backends.console.EmailBackend"
+)
+
+# The monitor's periodic tasks. Added here because their intervals are defined above; a
+# message older than its interval is dropped (the next one is already on its way), so a
+# worker that was down does not come back to a backlog of identical runs. (`expire_seconds`
+# is how django-celery-beat's DatabaseScheduler spells Celery's `expires`.)
+CELERY_BEAT_SCHEDULE["snapshot-environments"] = {
+    "task": "locks.tasks.snapshot_environments",
+    "schedule": float(SNAPSHOT_INTERVAL_S),
+    "options": {"expire_seconds": SNAPSHOT_INTERVAL_S},
+}
+CELERY_BEAT_SCHEDULE["deliver-notifications"] = {
+    "task": "billing_ops.tasks.deliver_notifications",
+    "schedule": float(NOTIFICATION_DELIVER_INTERVAL_S),
+    "options": {"expire_seconds": NOTIFICATION_DELIVER_INTERVAL_S},
+}
+# --- End of notifications -------------------------------------------------------------------
+
 # --- Auth, i18n, static ------------------------------------------------------------------
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},

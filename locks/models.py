@@ -1,8 +1,12 @@
-"""Mirror of ``lock.locks`` in an environment database (unmanaged; use ``.using(env.alias)``)."""
+"""Mirror of ``lock.locks`` in an environment database (unmanaged; use ``.using(env.alias)``),
+and the stuck-lock monitor's own records (snapshots and alerts), which live in ``default``."""
 
 from __future__ import annotations
 
+from django.conf import settings
 from django.db import models
+from django.utils import timezone
+from django.utils.translation import gettext_lazy as _
 
 
 class Lock(models.Model):
@@ -22,3 +26,161 @@ class Lock(models.Model):
 
     def __str__(self) -> str:
         return self.lock_key
+
+
+# --- The monitor's own records (managed, in `default`) ------------------------------------
+
+
+class VerdictColour(models.TextChoices):
+    GREEN = "green", _("Green")
+    AMBER = "amber", _("Amber")
+    RED = "red", _("Red")
+
+
+# The figures a snapshot copies from locks.selectors.LockFigures, by the same names.
+SNAPSHOT_FIGURE_FIELDS = (
+    "total_runs",
+    "completed_runs",
+    "completed_with_locks",
+    "total_locks",
+    "locks_without_billing",
+    "stuck_locks",
+    "stale_runs",
+    "stale_runs_locks",
+    "error_path_runs_with_locks",
+    "unreal_completed_runs",
+    "oldest_stuck_lock_at",
+)
+
+
+class LockSnapshot(models.Model):
+    """One environment's stuck-lock figures at one moment, for history and trends.
+
+    Every snapshot round writes one row per configured environment, unreachable ones too
+    (``reachable`` False, the error kept, figures NULL): a gap in the history is then a
+    fact on record, not a missing row.
+    """
+
+    environment = models.CharField(max_length=32)
+    taken_at = models.DateTimeField(default=timezone.now)
+    reachable = models.BooleanField()
+    error = models.TextField(blank=True)
+    verdict = models.CharField(max_length=8, choices=VerdictColour.choices)
+
+    total_runs = models.IntegerField(null=True)
+    completed_runs = models.IntegerField(null=True)
+    completed_with_locks = models.IntegerField(null=True)
+    total_locks = models.BigIntegerField(null=True)
+    locks_without_billing = models.BigIntegerField(null=True)
+    stuck_locks = models.BigIntegerField(null=True)  # locks held by COMPLETED runs
+    stale_runs = models.IntegerField(null=True)
+    stale_runs_locks = models.BigIntegerField(null=True)
+    error_path_runs_with_locks = models.IntegerField(null=True)
+    unreal_completed_runs = models.IntegerField(null=True)
+    oldest_stuck_lock_at = models.DateTimeField(null=True)
+    # NULL when unreachable (unknown); False also when the procedure is missing.
+    procedure_deletes_locks = models.BooleanField(null=True)
+
+    class Meta:
+        ordering = ["-taken_at", "environment"]
+        indexes = [
+            models.Index(fields=["environment", "-taken_at"], name="locksnapshot_env_taken_idx"),
+            # Retention deletes by age across environments.
+            models.Index(fields=["taken_at"], name="locksnapshot_taken_idx"),
+        ]
+        constraints = [
+            models.CheckConstraint(
+                condition=models.Q(verdict__in=[v.value for v in VerdictColour]),
+                name="locksnapshot_verdict_valid",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.environment} at {self.taken_at.isoformat(timespec='seconds')}"
+
+    @property
+    def environment_label(self) -> str:
+        from billing_ops.environments import environment_label
+
+        return environment_label(self.environment)
+
+
+class AlertKind(models.TextChoices):
+    COMPLETED_WITH_LOCKS = "completed_with_locks", _("COMPLETED runs still holding locks")
+    STALE_RUNS = "stale_runs", _("IN_PROGRESS_ACCOUNTING runs unchanged for too long")
+
+
+class AlertSeverity(models.TextChoices):
+    WARNING = "warning", _("Warning")
+    CRITICAL = "critical", _("Critical")
+
+
+class AlertStatus(models.TextChoices):
+    OPEN = "open", _("Open")
+    ACKNOWLEDGED = "acknowledged", _("Acknowledged")
+    RESOLVED = "resolved", _("Resolved")
+
+
+ACTIVE_ALERT_STATUSES = (AlertStatus.OPEN, AlertStatus.ACKNOWLEDGED)
+
+
+class Alert(models.Model):
+    """A problem in one environment, for as long as it lasts.
+
+    One row per (environment, kind) while it is active, however many runs are involved:
+    Dev's 178 stuck runs are one alert and one notification, not 178. The database holds
+    that rule (a partial unique constraint), so two evaluations racing cannot open two.
+    ``updated_at`` is the time of the snapshot that last changed it (not acknowledgements).
+    """
+
+    environment = models.CharField(max_length=32)
+    kind = models.CharField(max_length=32, choices=AlertKind.choices)
+    severity = models.CharField(max_length=16, choices=AlertSeverity.choices)
+    status = models.CharField(max_length=16, choices=AlertStatus.choices, default=AlertStatus.OPEN)
+    opened_at = models.DateTimeField(default=timezone.now)
+    updated_at = models.DateTimeField(default=timezone.now)
+    resolved_at = models.DateTimeField(null=True, blank=True)
+    acknowledged_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, null=True, blank=True, related_name="+"
+    )
+    acknowledged_at = models.DateTimeField(null=True, blank=True)
+    summary = models.TextField()
+    # The figures and up to 20 runs (id, number, lock_count), as of the last update.
+    details = models.JSONField(default=dict)
+    # The highest severity anyone was told about: a later rise to it notifies nobody again.
+    notified_severity = models.CharField(max_length=16, choices=AlertSeverity.choices, blank=True)
+
+    class Meta:
+        ordering = ["-opened_at"]
+        indexes = [
+            models.Index(fields=["status", "-opened_at"], name="alert_status_opened_idx"),
+        ]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["environment", "kind"],
+                condition=~models.Q(status=AlertStatus.RESOLVED),
+                name="alert_one_active_per_env_kind",
+            ),
+            models.CheckConstraint(
+                condition=models.Q(kind__in=[k.value for k in AlertKind]), name="alert_kind_valid"
+            ),
+            models.CheckConstraint(
+                condition=models.Q(severity__in=[s.value for s in AlertSeverity]), name="alert_severity_valid"
+            ),
+            models.CheckConstraint(
+                condition=models.Q(status__in=[s.value for s in AlertStatus]), name="alert_status_valid"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"#{self.pk} {self.environment} {self.kind} ({self.status})"
+
+    @property
+    def environment_label(self) -> str:
+        from billing_ops.environments import environment_label
+
+        return environment_label(self.environment)
+
+    @property
+    def is_active(self) -> bool:
+        return self.status != AlertStatus.RESOLVED
