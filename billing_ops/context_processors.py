@@ -9,9 +9,13 @@ from billing_ops.environments import all_environments
 
 
 def navigation(request: HttpRequest) -> dict[str, Any]:
+    from locks.history import alerts_active
+
     user = getattr(request, "user", None)
+    viewer = access.is_viewer(user)
     return {
-        "nav_environments": all_environments() if access.is_viewer(user) else [],
+        "nav_environments": all_environments() if viewer else [],
+        "nav_active_alerts": alerts_active().count() if viewer else 0,
         "can_queue": access.is_operator(user),
         "can_approve": access.is_approver(user),
     }

@@ -13,4 +13,6 @@ urlpatterns = [
     path("environments/<str:env_key>/procedure/", views.procedure, name="procedure"),
     path("report.<str:fmt>", views.report_download, name="report_download"),
     path("metrics", views.metrics, name="metrics"),
+    path("alerts/", views.alert_list, name="alert_list"),
+    path("alerts/<int:alert_id>/acknowledge/", views.alert_acknowledge, name="alert_acknowledge"),
 ]

@@ -4,25 +4,32 @@ from __future__ import annotations
 
 import hmac
 from dataclasses import dataclass
+from datetime import timedelta
 
 from django.conf import settings
+from django.contrib import messages
 from django.contrib.auth.decorators import login_not_required
 from django.core.cache import cache
+from django.core.exceptions import ValidationError
 from django.http import Http404, HttpRequest, HttpResponse
-from django.shortcuts import render
+from django.shortcuts import redirect, render
 from django.utils import timezone
+from django.utils.translation import gettext as _
 from django.views.decorators.cache import never_cache
-from django.views.decorators.http import require_GET
+from django.views.decorators.http import require_GET, require_POST
 from django_tables2 import LazyPaginator, RequestConfig
 
 from billing_ops import access
 from billing_ops.environments import Environment, all_environments
 from billing_ops.models import BillingRun, Job
+from billing_ops.notifications import notifications_failed_recent
 from billing_ops.selectors import LOCK_RELEASE_KIND, last_finished_jobs
-from locks import selectors
+from locks import selectors, services
+from locks.charts import stuck_locks_svg
 from locks.filters import StuckRunFilter
+from locks.history import SnapshotChange, alerts_active, alerts_recent, latest_snapshots, stuck_locks_series
 from locks.metrics import render_metrics
-from locks.models import Lock
+from locks.models import Alert, Lock
 from locks.reports import lock_report, render_csv, render_json, render_markdown
 from locks.tables import LOCKS_PER_PAGE, STUCK_RUNS_PER_PAGE, LockTable, RunsTable
 
@@ -31,6 +38,13 @@ from locks.tables import LOCKS_PER_PAGE, STUCK_RUNS_PER_PAGE, LockTable, RunsTab
 class OverviewRow:
     status: selectors.EnvironmentStatus
     last_cleanup: Job | None
+    history: SnapshotChange | None
+    chart: str
+    alerts: list[Alert]
+
+
+# The overview's chart shows this much history.
+CHART_DAYS = 7
 
 
 # Listing an environment's entity types reads every lock; the filter's choices can be
@@ -52,9 +66,53 @@ def overview(request: HttpRequest) -> HttpResponse:
     access.require_viewer(request.user)
     envs = all_environments()
     statuses = selectors.environments_status(envs)
-    cleanups = last_finished_jobs(kind=LOCK_RELEASE_KIND, environments=[e.key for e in envs])
-    rows = [OverviewRow(status=s, last_cleanup=cleanups.get(s.env.key)) for s in statuses]
-    return render(request, "locks/overview.html", {"rows": rows})
+    keys = [e.key for e in envs]
+    cleanups = last_finished_jobs(kind=LOCK_RELEASE_KIND, environments=keys)
+    snapshots = latest_snapshots(keys)
+    since = timezone.now() - timedelta(days=CHART_DAYS)
+    alerts: dict[str, list[Alert]] = {}
+    for alert in alerts_active():
+        alerts.setdefault(alert.environment, []).append(alert)
+    rows = [
+        OverviewRow(
+            status=s,
+            last_cleanup=cleanups.get(s.env.key),
+            history=snapshots.get(s.env.key),
+            chart=stuck_locks_svg(stuck_locks_series(s.env.key, since), width=300, height=70),
+            alerts=alerts.get(s.env.key, []),
+        )
+        for s in statuses
+    ]
+    return render(request, "locks/overview.html", {"rows": rows, "chart_days": CHART_DAYS})
+
+
+@require_GET
+def alert_list(request: HttpRequest) -> HttpResponse:
+    access.require_viewer(request.user)
+    return render(
+        request,
+        "locks/alerts.html",
+        {
+            "active": alerts_active(),
+            "recent": alerts_recent(),
+            "failed_notifications": notifications_failed_recent(),
+            "can_acknowledge": access.is_operator(request.user) or access.is_approver(request.user),
+        },
+    )
+
+
+@require_POST
+def alert_acknowledge(request: HttpRequest, alert_id: int) -> HttpResponse:
+    access.require_operator_or_approver(request.user)
+    try:
+        alert = services.alert_acknowledge(actor=request.user, alert_id=alert_id)
+    except Alert.DoesNotExist:
+        raise Http404("No such alert.") from None
+    except ValidationError as exc:
+        messages.error(request, " ".join(exc.messages))
+    else:
+        messages.success(request, _("Alert acknowledged: %(summary)s") % {"summary": alert.summary})
+    return redirect("alert_list")
 
 
 @require_GET

@@ -273,3 +273,22 @@ def test_metrics_need_the_token_when_one_is_configured(shaped, settings, client_
     response = Client().get("/metrics", HTTP_AUTHORIZATION="Bearer s3cret-token")
     assert response.status_code == 200
     assert f'billing_ops_completed_runs_with_locks{{environment="{shaped.key}"' in response.content.decode()
+
+
+def test_an_operator_acknowledges_an_alert_over_http(unprotected_env, client_for, operator, viewer) -> None:
+    from locks.models import Alert
+
+    alert = Alert.objects.create(
+        environment=unprotected_env.key,
+        kind="completed_with_locks",
+        severity="critical",
+        summary="Test: 6 COMPLETED runs still hold 1,358 locks",
+    )
+    page = client_for(viewer).get("/alerts/").content.decode()
+    assert "1,358 locks" in page and "Acknowledge" not in page
+    response = client_for(operator).post(f"/alerts/{alert.pk}/acknowledge/")
+    assert response.status_code == 302
+    alert.refresh_from_db()
+    assert alert.status == "acknowledged" and alert.acknowledged_by == operator
+    overview = client_for(viewer).get("/").content.decode()
+    assert "(acknowledged)" in overview

@@ -31,6 +31,11 @@ MATRIX: dict[str, tuple[str, dict[str, Any]]] = {
     "locks_without_run": ("GET", READ_ONLY),
     "procedure": ("GET", READ_ONLY),
     "report_download": ("GET", READ_ONLY),
+    "alert_list": ("GET", READ_ONLY),
+    "alert_acknowledge": (
+        "POST",
+        {"anonymous": "login", "nobody": 403, "viewer": 403, "operator": 404, "approver": 404},
+    ),
     "metrics": ("GET", {"anonymous": 401, "nobody": 401, "viewer": 200, "operator": 200, "approver": 200}),
     "environment_detail": ("GET", READ_ONLY),
     "job_list": ("GET", READ_ONLY),
@@ -121,6 +126,8 @@ def test_permission_matrix(
         kwargs = {"env_key": unprotected_env.key}
     if name == "report_download":
         kwargs = {"fmt": "json"}
+    if name == "alert_acknowledge":
+        kwargs = {"alert_id": 424242}  # no such alert: 404 once allowed (acknowledging is tested with alerts)
     if name == "run_detail":
         kwargs = {"env_key": unprotected_env.key, "run_id": 424242}  # no such run: 404 once allowed
     from django.urls import reverse
