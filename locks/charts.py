@@ -84,10 +84,13 @@ def stuck_locks_svg(
     parts = [
         f'<line x1="{left}" y1="{bottom}" x2="{right}" y2="{bottom}" stroke="#999"/>',  # x axis
         f'<line x1="{left}" y1="{MARGIN_TOP_PX}" x2="{left}" y2="{bottom}" stroke="#999"/>',  # y axis
-        f'<text x="{MARGIN_LEFT_PX - 4}" y="{MARGIN_TOP_PX + FONT_SIZE_PX}" text-anchor="end" {text}>'
-        f"{escape(f'{top_value:,}')}</text>",
         f'<text x="{MARGIN_LEFT_PX - 4}" y="{bottom}" text-anchor="end" {text}>0</text>',
     ]
+    if top_value:  # an all-zero series has no maximum worth a second label
+        parts.append(
+            f'<text x="{MARGIN_LEFT_PX - 4}" y="{MARGIN_TOP_PX + FONT_SIZE_PX}" text-anchor="end" {text}>'
+            f"{escape(f'{top_value:,}')}</text>"
+        )
     if len(points) > 1:
         area = f"{points[0][0]:.1f},{bottom} {line} {points[-1][0]:.1f},{bottom}"
         parts += [
