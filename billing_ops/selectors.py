@@ -30,7 +30,7 @@ class EnvironmentProbe:
     error: str = ""
 
 
-def _describe_error(exc: BaseException) -> str:
+def describe_error(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     # libpq messages can echo the host but never the password; keep the first line only.
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
@@ -45,7 +45,7 @@ def environment_probe(env: Environment) -> EnvironmentProbe:
             version = conn.execute("SELECT current_setting('server_version')").fetchone()[0]
         return EnvironmentProbe(env, True, round((time.monotonic() - started) * 1000, 1), version)
     except Exception as exc:
-        return EnvironmentProbe(env, False, error=_describe_error(exc))
+        return EnvironmentProbe(env, False, error=describe_error(exc))
 
 
 def run_per_environment(func: Any, envs: list[Environment], *, timeout_s: float) -> dict[str, Any]:
@@ -84,7 +84,7 @@ def environments_probe(envs: list[Environment]) -> list[EnvironmentProbe]:
     timeout_s = settings.CONNECT_TIMEOUT_S + PROBE_STATEMENT_TIMEOUT_MS / 1000 + 0.5
     results = run_per_environment(environment_probe, envs, timeout_s=timeout_s)
     return [
-        r if isinstance(r, EnvironmentProbe) else EnvironmentProbe(env, False, error=_describe_error(r))
+        r if isinstance(r, EnvironmentProbe) else EnvironmentProbe(env, False, error=describe_error(r))
         for env, r in zip(envs, results.values(), strict=True)
     ]
 
@@ -162,7 +162,7 @@ def health_report() -> dict[str, Any]:
             cursor.execute("SELECT 1")
         report["default_database"] = {"ok": True, "latency_ms": round((time.monotonic() - started) * 1000, 1)}
     except Exception as exc:
-        report["default_database"] = {"ok": False, "error": _describe_error(exc)}
+        report["default_database"] = {"ok": False, "error": describe_error(exc)}
 
     workers: list[dict[str, str]] = []
     started = time.monotonic()
@@ -177,7 +177,7 @@ def health_report() -> dict[str, Any]:
             last_seen = seen.decode() if isinstance(seen, bytes) else str(seen or "")
             workers.append({"name": name[len(prefix) :], "last_seen": last_seen})
     except Exception as exc:
-        report["redis"] = {"ok": False, "error": _describe_error(exc)}
+        report["redis"] = {"ok": False, "error": describe_error(exc)}
     report["workers"] = sorted(workers, key=lambda w: w["name"])
 
     report["environments"] = {

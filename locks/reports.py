@@ -50,7 +50,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from billing_ops.environments import Environment
-from billing_ops.selectors import _describe_error, run_per_environment
+from billing_ops.selectors import describe_error, run_per_environment
 from locks.selectors import (
     INITIAL_PROCESS_STAGE,
     STUCK_RUNS_SQL,
@@ -116,7 +116,7 @@ def lock_report(envs: list[Environment]) -> LockReport:
         if status.figures is None:
             environments.append(_unreachable_entry(status.env, status.error))
         elif isinstance(runs, BaseException):
-            environments.append(_unreachable_entry(status.env, _describe_error(runs)))
+            environments.append(_unreachable_entry(status.env, describe_error(runs)))
         else:
             environments.append(_reachable_entry(status, runs or []))
             figures[status.env.key] = status.figures

@@ -326,14 +326,14 @@ class EnvironmentStatus:
 
 def environments_status(envs: list[Environment]) -> list[EnvironmentStatus]:
     """Every environment's figures, concurrently; each bounded by its own timeouts."""
-    from billing_ops.selectors import _describe_error, run_per_environment
+    from billing_ops.selectors import describe_error, run_per_environment
 
     timeout_s = settings.CONNECT_TIMEOUT_S + settings.OVERVIEW_STATEMENT_TIMEOUT_MS / 1000 + 1
     results = run_per_environment(lock_figures, envs, timeout_s=timeout_s)
     return [
         EnvironmentStatus(env, result)
         if isinstance(result, LockFigures)
-        else EnvironmentStatus(env, None, _describe_error(result))
+        else EnvironmentStatus(env, None, describe_error(result))
         for env, result in zip(envs, results.values(), strict=True)
     ]
 

@@ -35,7 +35,7 @@ from django.utils.translation import gettext as _
 from billing_ops import access
 from billing_ops.environments import Environment, UnknownEnvironment, all_environments, get_environment
 from billing_ops.notifications import notify
-from billing_ops.selectors import _describe_error, run_per_environment
+from billing_ops.selectors import describe_error, run_per_environment
 from billing_ops.services import Actor
 from locks.models import (
     SNAPSHOT_FIGURE_FIELDS,
@@ -233,7 +233,7 @@ def _details(
         details["runs"] = _runs_json(runs, with_modify_date=with_modify_date)
         details["runs_total"] = len(runs)
     elif runs is not None:
-        details["runs_error"] = _describe_error(runs)
+        details["runs_error"] = describe_error(runs)
     return details
 
 
