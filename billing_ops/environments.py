@@ -29,7 +29,7 @@ from django.core.exceptions import ImproperlyConfigured
 
 ALIAS_PREFIX = "env_"
 KEY_RE = re.compile(r"^[a-z][a-z0-9_]{0,30}$")
-ALLOWED_KEYS = {"label", "url", "url_env", "protected", "demo", "allow_restore", "time_zone"}
+ALLOWED_KEYS = {"label", "url", "url_env", "protected", "demo", "allow_restore", "time_zone", "confirm_name"}
 
 DEFAULT_CONNECT_TIMEOUT_S = 3
 DEFAULT_STATEMENT_TIMEOUT_MS = 30_000
@@ -51,6 +51,8 @@ class Environment:
     conninfo: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
     # The platform stores `timestamp without time zone`; this is the zone those values are in.
     time_zone: str = "UTC"
+    # Destructive requests here need the operator to type the environment's label.
+    confirm_name: bool = False
 
     @property
     def alias(self) -> str:
@@ -119,7 +121,7 @@ def load_environments(path: str | Path, environ: Mapping[str, str] = os.environ)
         label = entry.get("label", key)
         if not isinstance(label, str) or not label.strip():
             raise ImproperlyConfigured(f"{where}: label must be a non-empty string")
-        for flag in ("protected", "demo", "allow_restore"):
+        for flag in ("protected", "demo", "allow_restore", "confirm_name"):
             if not isinstance(entry.get(flag, False), bool):
                 raise ImproperlyConfigured(f"{where}: {flag} must be true or false")
         if ("url" in entry) == ("url_env" in entry):
@@ -152,6 +154,7 @@ def load_environments(path: str | Path, environ: Mapping[str, str] = os.environ)
             allow_restore=entry.get("allow_restore", False),
             conninfo=conninfo,
             time_zone=time_zone,
+            confirm_name=entry.get("confirm_name", False),
         )
     return result
 

@@ -29,6 +29,8 @@ class JobKind:
     max_attempts: int = 3
     # What a user should know when the worker died under this kind of job.
     worker_lost_note: str | Promise = ""
+    # Dotted path of a callable(job) run once the job has settled (notify, audit).
+    on_settled: str = ""
 
     def needs_approval(self, env: Environment | None) -> bool:
         if self.always_needs_approval:
@@ -66,5 +68,30 @@ ENVIRONMENT_CHECK = register(
         handler="billing_ops.services.environment_check",
         resumable=True,
         worker_lost_note=_("The check only reads; it is safe to run again."),
+    )
+)
+
+
+LOCK_RELEASE = register(
+    JobKind(
+        name="lock_release",
+        label=_("Lock release"),
+        handler="locks.release.lock_release_execute",
+        destructive=True,
+        resumable=True,
+        on_settled="locks.release.release_settled",
+        worker_lost_note=_(
+            "Every finished batch is committed and recorded; running it again continues with what is left."
+        ),
+    )
+)
+
+LOCK_RESTORE = register(
+    JobKind(
+        name="lock_restore",
+        label=_("Restore released locks"),
+        handler="locks.release.lock_restore_execute",
+        resumable=True,
+        worker_lost_note=_("The restore is one transaction: nothing was restored; it is safe to run again."),
     )
 )

@@ -136,6 +136,22 @@ class Job(models.Model):
         return min(100, int(100 * self.progress_done / self.progress_total))
 
 
+class JobClaim(models.Model):
+    """A unique key an active job holds, e.g. ``lock-release:dev:run:36870``.
+
+    The unique index is the database-level guard that two active jobs never work on the
+    same thing (one cleanup per environment and run); a second request fails to insert and
+    is told which job holds the key. Claims are deleted when their job settles.
+    """
+
+    key = models.CharField(max_length=200, unique=True)
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="claims")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return self.key
+
+
 class JobLogLine(models.Model):
     job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="log_lines")
     at = models.DateTimeField(auto_now_add=True)

@@ -21,6 +21,7 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -28,7 +29,7 @@ from typing import Any
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser, User
 from django.core.exceptions import PermissionDenied, ValidationError
-from django.db import connections, transaction
+from django.db import IntegrityError, connections, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 from django.utils.module_loading import import_string
@@ -36,8 +37,8 @@ from django.utils.translation import gettext as _
 
 from billing_ops import access
 from billing_ops.environments import Environment, get_environment
-from billing_ops.job_kinds import JobKind, get_kind
-from billing_ops.models import Job, JobLogLine, JobStatus
+from billing_ops.job_kinds import REGISTRY, JobKind, get_kind
+from billing_ops.models import Job, JobClaim, JobLogLine, JobStatus
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,14 @@ class JobRefused(Exception):
     """A job cannot start, e.g. its approval does not match its parameters."""
 
 
+class JobConflict(ValidationError):
+    """Another active job already holds one of the claims this request needs."""
+
+    def __init__(self, message: str, holder: Job) -> None:
+        super().__init__(message)
+        self.holder = holder
+
+
 def params_digest(*, kind: str, environment: str, params: dict[str, Any]) -> str:
     canonical = json.dumps(
         {"kind": kind, "environment": environment, "params": params},
@@ -75,9 +84,21 @@ def job_log(job_id: int, message: str, *, level: str = "info") -> None:
 # --- Requests and decisions ------------------------------------------------------------
 
 
-def job_request(*, actor: Actor, kind: str, environment: str, params: dict[str, Any] | None = None) -> Job:
-    """Record a job (awaiting approval, or queued and dispatched after commit)."""
-    access.require_operator(actor)
+def job_request(
+    *,
+    actor: Actor,
+    kind: str,
+    environment: str,
+    params: dict[str, Any] | None = None,
+    claims: Sequence[str] = (),
+    requester_check: Callable[[Actor], None] | None = None,
+) -> Job:
+    """Record a job (awaiting approval, or queued and dispatched after commit).
+
+    ``claims`` are keys no other active job may hold (see JobClaim); a conflict raises
+    JobConflict naming the job that holds the key, and nothing is recorded.
+    """
+    (requester_check or access.require_operator)(actor)
     job_kind = get_kind(kind)
     env = get_environment(environment)
     params = params or {}
@@ -92,12 +113,41 @@ def job_request(*, actor: Actor, kind: str, environment: str, params: dict[str, 
             status=status,
             requested_by=_user(actor),
         )
+        _claims_take(job, claims)
         job_log(job.pk, _("Requested by %(user)s.") % {"user": actor.get_username()})
         if status == JobStatus.QUEUED:
             transaction.on_commit(lambda: job_dispatch(job_id=job.pk))
         else:
             job_log(job.pk, _("Waiting for an approver (protected environment)."))
     return job
+
+
+def _claims_take(job: Job, keys: Sequence[str]) -> None:
+    for key in keys:
+        try:
+            with transaction.atomic():
+                JobClaim.objects.create(key=key, job=job)
+        except IntegrityError:
+            holder = JobClaim.objects.select_related("job").filter(key=key).first()
+            if holder is None:  # settled in between: take it
+                JobClaim.objects.create(key=key, job=job)
+                continue
+            other = holder.job
+            raise JobConflict(
+                _("Job #%(id)s (%(kind)s, %(status)s) is already working on this (%(key)s).")
+                % {
+                    "id": other.pk,
+                    "kind": other.kind_label,
+                    "status": other.get_status_display(),
+                    "key": key,
+                },
+                holder=other,
+            ) from None
+
+
+def _claims_release(job_id: int) -> None:
+    """A settled job holds nothing any more."""
+    JobClaim.objects.filter(job_id=job_id).delete()
 
 
 def _job_for_decision(*, actor: Actor, job_id: int) -> Job:
@@ -146,6 +196,7 @@ def job_refuse(*, actor: Actor, job_id: int, comment: str = "") -> Job:
         job.decision_comment = comment
         job.finished_at = timezone.now()
         job.save(update_fields=["status", "approved_by", "approved_at", "decision_comment", "finished_at"])
+        _claims_release(job.pk)
         job_log(
             job.pk,
             _("Refused by %(user)s.") % {"user": actor.get_username()} + (f" {comment}" if comment else ""),
@@ -164,6 +215,7 @@ def job_cancel(*, actor: Actor, job_id: int) -> Job:
             job.status = JobStatus.CANCELLED
             job.finished_at = timezone.now()
             job.save(update_fields=["status", "finished_at"])
+            _claims_release(job.pk)
             job_log(job.pk, _("Cancelled by %(user)s before it started.") % {"user": actor.get_username()})
         elif job.status == JobStatus.RUNNING:
             job.cancel_requested = True
@@ -236,6 +288,7 @@ def jobs_sweep() -> SweepReport:
             if claimed:
                 job_log(job.pk, lost + " " + str(kind.worker_lost_note), level="error")
                 report.failed.append(job.pk)
+                _job_settled(job.pk)
 
     redispatch_before = now - timedelta(seconds=settings.JOB_REDISPATCH_AFTER_S)
     pending = (
@@ -332,6 +385,7 @@ def job_execute(*, job_id: int, worker: str | None = None) -> str:
         Job.objects.filter(pk=job.pk, status=JobStatus.RUNNING).update(
             status=JobStatus.FAILED, finished_at=timezone.now(), error=str(exc)
         )
+        _claims_release(job.pk)
         job_log(job.pk, str(exc), level="error")
         return str(JobStatus.FAILED)
     job_log(job.pk, _("Started on %(worker)s (attempt %(n)s).") % {"worker": worker, "n": job.attempts})
@@ -363,7 +417,7 @@ def job_execute(*, job_id: int, worker: str | None = None) -> str:
     if "error" in outcome:
         fields["error"] = outcome["error"]
     # Only the delivery that still owns the job may settle it (the sweeper may have failed it).
-    Job.objects.filter(pk=job.pk, status=JobStatus.RUNNING, attempts=job.attempts).update(**fields)
+    settled = Job.objects.filter(pk=job.pk, status=JobStatus.RUNNING, attempts=job.attempts).update(**fields)
     level = "info" if outcome["status"] == JobStatus.SUCCEEDED else "error"
     job_log(
         job.pk,
@@ -371,7 +425,23 @@ def job_execute(*, job_id: int, worker: str | None = None) -> str:
         + (f" {outcome['error']}" if "error" in outcome else ""),
         level=level,
     )
+    if settled:
+        _job_settled(job.pk)
     return str(outcome["status"])
+
+
+def _job_settled(job_id: int) -> None:
+    """After a job reached its final state: free its claims, then let its kind react
+    (notifications, audit). A failing hook is logged, never undoes the outcome."""
+    _claims_release(job_id)
+    job = Job.objects.get(pk=job_id)
+    kind = REGISTRY.get(job.kind)
+    if kind is None or not kind.on_settled:
+        return
+    try:
+        import_string(kind.on_settled)(job)
+    except Exception:
+        logger.exception("on_settled hook of job %s failed", job_id)
 
 
 def _check_approval(kind: JobKind, env: Environment | None, job: Job) -> None:

@@ -184,3 +184,103 @@ class Alert(models.Model):
     @property
     def is_active(self) -> bool:
         return self.status != AlertStatus.RESOLVED
+
+
+# --- Lock release (cleanup) -----------------------------------------------------------------
+
+
+class ReleasePlanStatus(models.TextChoices):
+    DRAFT = "draft", _("Preview")
+    REQUESTED = "requested", _("Requested")
+
+
+class LockReleasePlan(models.Model):
+    """What a cleanup will delete, fixed when it is previewed.
+
+    The preview materialises the exact lock rows (LockReleaseItem) so that the job deletes
+    exactly what the requester — and in protected environments the approver — saw, never
+    rows that appeared or changed since. ``digest`` is a sha256 over those rows; the job's
+    parameters carry it, so an approval is an approval of these rows.
+    """
+
+    environment = models.CharField(max_length=32)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, null=True, related_name="+"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+    system_only = models.BooleanField(default=False)
+    scheduled = models.BooleanField(default=False)
+    status = models.CharField(
+        max_length=16, choices=ReleasePlanStatus.choices, default=ReleasePlanStatus.DRAFT
+    )
+    run_ids = models.JSONField(default=list)
+    # Per run: number, status, process stage and lock counts by entity type; and the runs
+    # that were asked for but are not eligible, with the reason.
+    summary = models.JSONField(default=dict)
+    lock_count = models.BigIntegerField(default=0)
+    digest = models.CharField(max_length=64)
+    # The lock table had a create_date column when the plan was made (restore puts it back).
+    has_create_date = models.BooleanField(default=False)
+    restored_by_job = models.ForeignKey(
+        "billing_ops.Job", on_delete=models.PROTECT, null=True, blank=True, related_name="+"
+    )
+
+    class Meta:
+        ordering = ["-id"]
+
+    def __str__(self) -> str:
+        return f"release plan #{self.pk} ({self.environment}, {self.lock_count} locks)"
+
+
+class LockReleaseItem(models.Model):
+    """One lock row of a plan, as it was when previewed (and as it is restored)."""
+
+    plan = models.ForeignKey(LockReleasePlan, on_delete=models.CASCADE, related_name="items")
+    billing_id = models.BigIntegerField()
+    batch_no = models.IntegerField()
+    lock_id = models.TextField()
+    lock_key = models.TextField()
+    entity_type = models.TextField()
+    entity_id = models.TextField()
+    system_lock = models.BooleanField()
+    create_date = models.DateTimeField(null=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["plan", "billing_id", "batch_no"], name="release_item_batch_idx")]
+        constraints = [models.UniqueConstraint(fields=["plan", "lock_id"], name="release_item_unique_lock")]
+
+    def __str__(self) -> str:
+        return self.lock_key
+
+
+class ReleaseBatchStatus(models.TextChoices):
+    PENDING = "pending", _("Pending")
+    DELETING = "deleting", _("Deleting")  # started; if the worker died here, resume settles it
+    DONE = "done", _("Done")
+    SKIPPED = "skipped", _("Skipped")
+
+
+class LockReleaseBatch(models.Model):
+    """A slice of one run's planned locks, deleted in one short transaction."""
+
+    plan = models.ForeignKey(LockReleasePlan, on_delete=models.CASCADE, related_name="batches")
+    billing_id = models.BigIntegerField()
+    batch_no = models.IntegerField()
+    size = models.IntegerField()
+    status = models.CharField(
+        max_length=16, choices=ReleaseBatchStatus.choices, default=ReleaseBatchStatus.PENDING
+    )
+    deleted_count = models.IntegerField(default=0)
+    # Planned rows that were no longer there (or had changed) when the batch ran.
+    gone_ids = models.JSONField(default=list)
+    note = models.TextField(blank=True)
+    done_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["billing_id", "batch_no"]
+        constraints = [
+            models.UniqueConstraint(fields=["plan", "billing_id", "batch_no"], name="release_batch_unique"),
+        ]
+
+    def __str__(self) -> str:
+        return f"plan {self.plan_id} run {self.billing_id} batch {self.batch_no}"

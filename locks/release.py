@@ -1,0 +1,657 @@
+"""Releasing stuck locks: preview, request, batched delete, resume, restore.
+
+This is what the lock-release analysis recommends (``deleteByBillingId`` and
+``deleteSystemLocksByBillingId``, unlock on the error path, a scheduled cleanup), done so
+that an ops team can trust it with production:
+
+1. **Preview** (``release_plan_prepare``): the lock rows of the chosen eligible runs are
+   copied, as they are at that moment, into the dashboard's own database (COPY from the
+   environment straight into ``LockReleaseItem``), with a sha256 digest over them. Locks
+   with NULL ``billing_id`` are never part of a plan.
+2. **Request** (``release_request``): a job whose parameters carry the plan and its digest,
+   so that an approver approves exactly these rows. Each run is claimed (``JobClaim``): one
+   cleanup per environment and run at a time; a second request is refused naming the job.
+3. **Delete** (``lock_release_execute``, on a worker): run by run, batch by batch, each
+   batch one short transaction with ``lock_timeout``, deleting by primary key only the rows
+   that are still exactly as previewed and whose run is still eligible (re-checked, with
+   ``FOR SHARE`` on the run, in the batch's own transaction). Rows that appeared since were
+   never in the plan; rows that changed are left alone and reported. Progress is per batch;
+   a cancel takes effect between batches; a session advisory lock per run keeps any other
+   process using this code off the same run.
+4. **Resume**: a batch is marked ``deleting`` before its transaction and ``done`` after;
+   after a worker died, the job (re-queued by the sweeper, or run again) continues with
+   the batches not ``done``. A batch left ``deleting`` is deleted again: what is still
+   there goes now, what is gone was taken by the interrupted attempt (the only writer that
+   held the run) and is counted once, as released.
+5. **Restore** (``restore_request``, approvers): puts the released rows back exactly as
+   they were previewed, in one transaction, skipping ids that exist again.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from datetime import datetime, timedelta
+from typing import Any
+
+import psycopg
+from django.conf import settings
+from django.core.exceptions import PermissionDenied, ValidationError
+from django.db import connections, transaction
+from django.utils import timezone
+from django.utils.translation import gettext as _
+from psycopg import sql
+
+from billing_ops import access
+from billing_ops.environments import Environment, environment_connect, get_environment
+from billing_ops.models import Job, JobStatus
+from billing_ops.services import Actor, JobContext, JobRefused, job_request
+from locks.models import (
+    LockReleaseBatch,
+    LockReleaseItem,
+    LockReleasePlan,
+    ReleaseBatchStatus,
+    ReleasePlanStatus,
+)
+from locks.selectors import (
+    COMPLETED,
+    IN_PROGRESS_ACCOUNTING,
+    aware,
+    billing_status_labels,
+    error_path_statuses,
+    lock_table_shape,
+)
+
+RELEASE_KIND = "lock_release"
+RESTORE_KIND = "lock_restore"
+BATCH_SIZE_ROWS = 5_000
+# A batch waits at most this long for a row lock the platform holds, then backs off.
+LOCK_TIMEOUT_MS = 2_000
+LOCK_TIMEOUT_RETRIES = 5
+LOCK_TIMEOUT_BACKOFF_S = 1.0
+# Session advisory locks (namespace, run id): one releaser per run, across processes.
+ADVISORY_NAMESPACE = 0x626F726C  # "borl"
+# A preview nobody requested is only a draft; the plans page hides older ones.
+DRAFT_PLAN_TTL = timedelta(hours=24)
+PREVIEW_STATEMENT_TIMEOUT_MS = 120_000
+
+
+class NoLongerEligible(Exception):
+    """The run changed since the preview (e.g. it is running again): stop for this run."""
+
+
+# --- Eligibility -----------------------------------------------------------------------------
+
+
+def ineligibility_reason(
+    env: Environment, *, status: str, modify_date: datetime | None, labels: list[str]
+) -> str:
+    """Empty when a run's locks may be released; otherwise why not."""
+    if status == COMPLETED or status in error_path_statuses(labels):
+        return ""
+    if status == IN_PROGRESS_ACCOUNTING:
+        modified = aware(env, modify_date)
+        threshold = timedelta(minutes=settings.STALE_RUN_AFTER_MIN)
+        if modified is not None and timezone.now() - modified > threshold:
+            return ""
+        return _(
+            "it is IN_PROGRESS_ACCOUNTING and was modified within the last %(m)s minutes: still running"
+        ) % {"m": settings.STALE_RUN_AFTER_MIN}
+    return _("its status is %(status)s: only COMPLETED, failed or stale runs are cleaned up") % {
+        "status": status
+    }
+
+
+def _runs(cursor: Any, run_ids: list[int]) -> dict[int, tuple[str, str, str, datetime]]:
+    cursor.execute(
+        "SELECT id, billing_number, status::text, process_stage, modify_date FROM billing.billings "
+        "WHERE id = ANY(%s)",
+        [run_ids],
+    )
+    return {row[0]: (row[1], row[2], row[3], row[4]) for row in cursor.fetchall()}
+
+
+def eligible_run_ids(env: Environment) -> list[int]:
+    """Every run that holds locks and may be cleaned up now (the scheduled cleanup's set)."""
+    with connections[env.alias].cursor() as cursor:
+        labels = billing_status_labels(cursor)
+        cursor.execute(
+            "SELECT b.id, b.status::text, b.modify_date FROM billing.billings b "
+            "WHERE b.status::text = ANY(%s) "
+            "AND EXISTS (SELECT 1 FROM lock.locks l WHERE l.billing_id = b.id) "
+            "ORDER BY b.id",
+            [[COMPLETED, IN_PROGRESS_ACCOUNTING, *error_path_statuses(labels)]],
+        )
+        rows = cursor.fetchall()
+    return [
+        run_id
+        for run_id, status, modified in rows
+        if not ineligibility_reason(env, status=status, modify_date=modified, labels=labels)
+    ]
+
+
+# --- Preview ---------------------------------------------------------------------------------
+
+
+def release_plan_prepare(
+    *, actor: Actor | None, env: Environment, run_ids: list[int], system_only: bool, scheduled: bool = False
+) -> LockReleasePlan:
+    """Fix the exact lock rows a cleanup of these runs would delete, and their digest.
+
+    Runs that are not eligible are left out and listed with the reason; if none is
+    eligible, or they hold no (system) locks, nothing is created and ValidationError says why.
+    """
+    if not scheduled:
+        access.require_operator(actor)
+    run_ids = sorted({int(r) for r in run_ids})
+    if not run_ids:
+        raise ValidationError(_("Choose at least one billing run."))
+    with connections[env.alias].cursor() as cursor:
+        labels = billing_status_labels(cursor)
+        runs = _runs(cursor, run_ids)
+        shape = lock_table_shape(cursor)
+    refused: dict[str, str] = {}
+    eligible: list[int] = []
+    for run_id in run_ids:
+        if run_id not in runs:
+            refused[str(run_id)] = _("no such billing run")
+            continue
+        _number, status, _stage, modified = runs[run_id]
+        reason = ineligibility_reason(env, status=status, modify_date=modified, labels=labels)
+        if reason:
+            refused[str(run_id)] = reason
+        else:
+            eligible.append(run_id)
+    if not eligible:
+        raise ValidationError(
+            [_("Run %(id)s: %(reason)s") % {"id": k, "reason": v} for k, v in refused.items()]
+            or _("No eligible run.")
+        )
+
+    with transaction.atomic():
+        plan = LockReleasePlan.objects.create(
+            environment=env.key,
+            created_by=actor if actor is not None and actor.is_authenticated else None,  # type: ignore[misc]
+            system_only=system_only,
+            scheduled=scheduled,
+            run_ids=eligible,
+            digest="",
+            has_create_date=shape.has_create_date,
+        )
+        _copy_locks_into_plan(
+            env, plan, eligible, system_only=system_only, has_create_date=shape.has_create_date
+        )
+        with connections["default"].cursor() as cursor:
+            cursor.execute(
+                """
+                INSERT INTO locks_lockreleasebatch
+                    (plan_id, billing_id, batch_no, size, status, deleted_count, gone_ids, note)
+                SELECT plan_id, billing_id, batch_no, count(*), %s, 0, '[]'::jsonb, ''
+                FROM locks_lockreleaseitem WHERE plan_id = %s
+                GROUP BY plan_id, billing_id, batch_no
+                """,
+                [ReleaseBatchStatus.PENDING, plan.pk],
+            )
+            cursor.execute(
+                "SELECT billing_id, entity_type, system_lock, count(*) FROM locks_lockreleaseitem "
+                "WHERE plan_id = %s GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+                [plan.pk],
+            )
+            counts = cursor.fetchall()
+        plan.digest = plan_digest(plan.pk)
+        plan.lock_count = sum(row[3] for row in counts)
+        if plan.lock_count == 0:
+            raise ValidationError(
+                _("The chosen runs hold no system locks.")
+                if system_only
+                else _("The chosen runs hold no locks.")
+            )
+        plan.summary = _summary(runs, eligible, counts, refused)
+        plan.save(update_fields=["digest", "lock_count", "summary"])
+    return plan
+
+
+def _copy_locks_into_plan(
+    env: Environment, plan: LockReleasePlan, run_ids: list[int], *, system_only: bool, has_create_date: bool
+) -> None:
+    """Stream the runs' lock rows from the environment into the plan with two COPYs."""
+    source = sql.SQL(
+        """
+        COPY (
+            SELECT {plan_id}, l.billing_id,
+                   ((row_number() OVER (PARTITION BY l.billing_id ORDER BY l.id)) - 1) / {batch},
+                   l.id, l.lock_key, l.entity_type, l.entity_id, l.system_lock, {create_date}
+            FROM lock.locks l
+            WHERE l.billing_id = ANY({runs}) {system_only}
+        ) TO STDOUT
+        """
+    ).format(
+        plan_id=sql.Literal(plan.pk),
+        batch=sql.Literal(BATCH_SIZE_ROWS),
+        # The platform's naive timestamps, made absolute in the environment's zone.
+        create_date=sql.SQL("l.create_date AT TIME ZONE {tz}").format(tz=sql.Literal(env.time_zone))
+        if has_create_date
+        else sql.SQL("NULL"),
+        runs=sql.Literal(run_ids),
+        system_only=sql.SQL("AND l.system_lock") if system_only else sql.SQL(""),
+    )
+    target = (
+        "COPY locks_lockreleaseitem (plan_id, billing_id, batch_no, lock_id, lock_key, entity_type, "
+        "entity_id, system_lock, create_date) FROM STDIN"
+    )
+    with environment_connect(env, autocommit=True) as src_conn:
+        src_conn.execute(f"SET statement_timeout = {PREVIEW_STATEMENT_TIMEOUT_MS:d}")
+        # Both sides speak text COPY; the environment's timestamptz text carries its offset.
+        src_conn.execute("SET TimeZone = 'UTC'")
+        with (
+            connections["default"].cursor() as dst_cursor,
+            src_conn.cursor().copy(source) as src,
+            dst_cursor.cursor.copy(target) as dst,
+        ):
+            for data in src:
+                dst.write(data)
+
+
+def plan_digest(plan_id: int) -> str:
+    """sha256 over the plan's rows in a fixed order: what an approval refers to."""
+    with connections["default"].cursor() as cursor:
+        cursor.execute(
+            """
+            SELECT encode(sha256(convert_to(coalesce(string_agg(
+                concat_ws(E'\\t', billing_id, lock_id, lock_key, entity_type, entity_id, system_lock),
+                E'\\n' ORDER BY billing_id, lock_id COLLATE "C"), ''), 'UTF8')), 'hex')
+            FROM locks_lockreleaseitem WHERE plan_id = %s
+            """,
+            [plan_id],
+        )
+        return str(cursor.fetchone()[0])
+
+
+def _summary(
+    runs: dict[int, tuple[str, str, str, datetime]],
+    eligible: list[int],
+    counts: list[tuple[int, str, bool, int]],
+    refused: dict[str, str],
+) -> dict[str, Any]:
+    per_run: dict[int, dict[str, Any]] = {}
+    for run_id in eligible:
+        number, status, stage, _modified = runs[run_id]
+        per_run[run_id] = {
+            "billing_number": number,
+            "status": status,
+            "process_stage": stage,
+            "locks": 0,
+            "system": 0,
+            "user": 0,
+            "by_entity_type": {},
+        }
+    by_type: dict[str, int] = defaultdict(int)
+    for run_id, entity_type, system_lock, count in counts:
+        entry = per_run[run_id]
+        entry["locks"] += count
+        entry["system" if system_lock else "user"] += count
+        entry["by_entity_type"][entity_type] = entry["by_entity_type"].get(entity_type, 0) + count
+        by_type[entity_type] += count
+    return {
+        "runs": {str(k): v for k, v in per_run.items() if v["locks"]},
+        "empty_runs": [str(k) for k, v in per_run.items() if not v["locks"]],
+        "refused": refused,
+        "by_entity_type": dict(sorted(by_type.items())),
+    }
+
+
+# --- Request ---------------------------------------------------------------------------------
+
+
+def run_claim_key(env_key: str, run_id: int | str) -> str:
+    return f"{RELEASE_KIND}:{env_key}:run:{run_id}"
+
+
+def schedule_claim_key(env_key: str) -> str:
+    return f"{RELEASE_KIND}:{env_key}:schedule"
+
+
+def release_request(
+    *, actor: Actor, plan_id: int, digest: str, confirmation: str = "", requester_check: Any = None
+) -> Job:
+    """Turn a preview into a job (queued, or awaiting an approver in a protected environment)."""
+    with transaction.atomic():
+        plan = LockReleasePlan.objects.select_for_update().get(pk=plan_id)
+        env = get_environment(plan.environment)
+        if plan.status != ReleasePlanStatus.DRAFT:
+            raise ValidationError(_("This preview was already requested; preview again."))
+        if not plan.scheduled and plan.created_by_id != getattr(actor, "pk", None):
+            raise PermissionDenied(_("Request a release from your own preview."))
+        if digest != plan.digest:
+            raise ValidationError(_("The preview changed since you read it; preview again."))
+        if env.confirm_name and confirmation.strip() != env.label:
+            raise ValidationError(
+                _("Type the environment's name, %(name)s, to confirm a release in it.") % {"name": env.label}
+            )
+        claims = [run_claim_key(env.key, run_id) for run_id in plan.summary.get("runs", {})]
+        if plan.scheduled:
+            claims.append(schedule_claim_key(env.key))
+        job = job_request(
+            actor=actor,
+            kind=RELEASE_KIND,
+            environment=env.key,
+            params={
+                "plan_id": plan.pk,
+                "plan_digest": plan.digest,
+                "system_only": plan.system_only,
+                "runs": sorted(int(r) for r in plan.summary.get("runs", {})),
+                "lock_count": plan.lock_count,
+                "scheduled": plan.scheduled,
+            },
+            claims=claims,
+            requester_check=requester_check,
+        )
+        plan.status = ReleasePlanStatus.REQUESTED
+        plan.save(update_fields=["status"])
+    return job
+
+
+# --- The delete ------------------------------------------------------------------------------
+
+DELETE_BATCH_SQL = """
+DELETE FROM lock.locks l
+USING unnest(%(ids)s::text[], %(keys)s::text[], %(types)s::text[], %(entity_ids)s::text[], %(system)s::bool[])
+      AS p(id, lock_key, entity_type, entity_id, system_lock)
+WHERE l.id = p.id
+  AND l.billing_id = %(run)s
+  AND l.lock_key = p.lock_key AND l.entity_type = p.entity_type
+  AND l.entity_id = p.entity_id AND l.system_lock = p.system_lock
+RETURNING l.id
+"""
+
+
+def lock_release_execute(ctx: JobContext) -> dict[str, Any]:
+    """The job: delete the plan's rows, batch by batch, resuming where a previous attempt
+    stopped. Returns the counts by run and entity type."""
+    env = ctx.env
+    assert env is not None
+    plan = LockReleasePlan.objects.get(pk=ctx.params["plan_id"])
+    if plan_digest(plan.pk) != ctx.params["plan_digest"] or plan.digest != ctx.params["plan_digest"]:
+        raise JobRefused(_("The plan's rows do not match the approved preview; nothing was deleted."))
+    started = time.monotonic()
+    done_before = _released_count(plan.pk)
+    ctx.progress(done_before, plan.lock_count, _("Starting"))
+    if done_before:
+        ctx.log(_("Resuming: %(n)s locks were released by an earlier attempt.") % {"n": f"{done_before:,}"})
+    with environment_connect(env, autocommit=True) as conn:
+        for run_id in ctx.params["runs"]:
+            _release_run(ctx, conn, env, plan, int(run_id))
+    result = release_result(plan)
+    result["duration_s"] = round(time.monotonic() - started, 2)
+    return result
+
+
+def _release_run(
+    ctx: JobContext, conn: psycopg.Connection[Any], env: Environment, plan: LockReleasePlan, run_id: int
+) -> None:
+    batches = list(
+        LockReleaseBatch.objects.filter(plan=plan, billing_id=run_id)
+        .exclude(status__in=[ReleaseBatchStatus.DONE, ReleaseBatchStatus.SKIPPED])
+        .order_by("batch_no")
+    )
+    if not batches:
+        return
+    got = conn.execute("SELECT pg_try_advisory_lock(%s, %s)", [ADVISORY_NAMESPACE, run_id]).fetchone()
+    if not got or not got[0]:
+        raise JobRefused(
+            _("Another process is releasing the locks of run %(run)s right now; try again when it is done.")
+            % {"run": run_id}
+        )
+    try:
+        labels = billing_status_labels(conn.cursor())
+        for batch in batches:
+            ctx.check_cancel()
+            try:
+                _release_batch(ctx, conn, env, plan, batch, labels)
+            except NoLongerEligible as exc:
+                remaining = LockReleaseBatch.objects.filter(
+                    plan=plan,
+                    billing_id=run_id,
+                    status__in=[ReleaseBatchStatus.PENDING, ReleaseBatchStatus.DELETING],
+                )
+                remaining.update(status=ReleaseBatchStatus.SKIPPED, note=str(exc), done_at=timezone.now())
+                ctx.log(
+                    _("Run %(run)s: stopped, %(reason)s.") % {"run": run_id, "reason": exc}, level="warning"
+                )
+                return
+    finally:
+        conn.execute("SELECT pg_advisory_unlock(%s, %s)", [ADVISORY_NAMESPACE, run_id])
+
+
+def _release_batch(
+    ctx: JobContext,
+    conn: psycopg.Connection[Any],
+    env: Environment,
+    plan: LockReleasePlan,
+    batch: LockReleaseBatch,
+    labels: list[str],
+) -> None:
+    items = list(
+        LockReleaseItem.objects.filter(
+            plan=plan, billing_id=batch.billing_id, batch_no=batch.batch_no
+        ).values_list("lock_id", "lock_key", "entity_type", "entity_id", "system_lock")
+    )
+    resuming = batch.status == ReleaseBatchStatus.DELETING
+    LockReleaseBatch.objects.filter(pk=batch.pk).update(status=ReleaseBatchStatus.DELETING)
+    params = {
+        "ids": [i[0] for i in items],
+        "keys": [i[1] for i in items],
+        "types": [i[2] for i in items],
+        "entity_ids": [i[3] for i in items],
+        "system": [i[4] for i in items],
+        "run": batch.billing_id,
+    }
+    for attempt in range(LOCK_TIMEOUT_RETRIES + 1):
+        try:
+            with conn.transaction():
+                conn.execute(f"SET LOCAL lock_timeout = {LOCK_TIMEOUT_MS:d}")
+                row = conn.execute(
+                    "SELECT status::text, modify_date FROM billing.billings WHERE id = %s FOR SHARE",
+                    [batch.billing_id],
+                ).fetchone()
+                if row is None:
+                    raise NoLongerEligible(_("the billing run no longer exists"))
+                reason = ineligibility_reason(env, status=row[0], modify_date=row[1], labels=labels)
+                if reason:
+                    raise NoLongerEligible(reason)
+                deleted = {r[0] for r in conn.execute(DELETE_BATCH_SQL, params).fetchall()}
+            break
+        except psycopg.errors.LockNotAvailable:
+            if attempt == LOCK_TIMEOUT_RETRIES:
+                raise
+            ctx.log(
+                _("Batch %(n)s of run %(run)s waited over %(ms)s ms for a lock; retrying.")
+                % {"n": batch.batch_no + 1, "run": batch.billing_id, "ms": LOCK_TIMEOUT_MS},
+                level="warning",
+            )
+            time.sleep(LOCK_TIMEOUT_BACKOFF_S * (attempt + 1))
+    gone = [i[0] for i in items if i[0] not in deleted]
+    if resuming:
+        # The interrupted attempt deleted these in a committed batch before it could say so.
+        note = _("resumed: %(n)s rows were already gone") % {"n": len(gone)}
+        deleted_count, gone = len(items), []
+    else:
+        note = ""
+        deleted_count = len(deleted)
+    LockReleaseBatch.objects.filter(pk=batch.pk).update(
+        status=ReleaseBatchStatus.DONE,
+        deleted_count=deleted_count,
+        gone_ids=gone,
+        note=note,
+        done_at=timezone.now(),
+    )
+    if gone:
+        ctx.log(
+            _("Run %(run)s, batch %(n)s: %(g)s planned locks were gone or had changed; left alone.")
+            % {"run": batch.billing_id, "n": batch.batch_no + 1, "g": len(gone)},
+            level="warning",
+        )
+    ctx.progress(
+        _released_count(plan.pk) + _gone_count(plan.pk),
+        plan.lock_count,
+        _("Run %(run)s: batch %(n)s done") % {"run": batch.billing_id, "n": batch.batch_no + 1},
+    )
+
+
+def _released_count(plan_id: int) -> int:
+    return sum(LockReleaseBatch.objects.filter(plan_id=plan_id).values_list("deleted_count", flat=True))
+
+
+def _gone_count(plan_id: int) -> int:
+    return sum(
+        len(g) for g in LockReleaseBatch.objects.filter(plan_id=plan_id).values_list("gone_ids", flat=True)
+    )
+
+
+def release_result(plan: LockReleasePlan) -> dict[str, Any]:
+    """What a plan's job released, by run and entity type (from the batches' records)."""
+    with connections["default"].cursor() as cursor:
+        cursor.execute(
+            """
+            SELECT i.billing_id, i.entity_type, count(*)
+            FROM locks_lockreleaseitem i
+            JOIN locks_lockreleasebatch b
+              ON b.plan_id = i.plan_id AND b.billing_id = i.billing_id AND b.batch_no = i.batch_no
+            WHERE i.plan_id = %s AND b.status = 'done' AND NOT (b.gone_ids ? i.lock_id)
+            GROUP BY 1, 2 ORDER BY 1, 2
+            """,
+            [plan.pk],
+        )
+        rows = cursor.fetchall()
+    runs: dict[str, dict[str, Any]] = {}
+    by_type: dict[str, int] = defaultdict(int)
+    for run_id, entity_type, count in rows:
+        entry = runs.setdefault(str(run_id), {"released": 0, "by_entity_type": {}})
+        entry["released"] += count
+        entry["by_entity_type"][entity_type] = count
+        by_type[entity_type] += count
+    skipped = {
+        str(b.billing_id): b.note
+        for b in LockReleaseBatch.objects.filter(plan=plan, status=ReleaseBatchStatus.SKIPPED)
+    }
+    return {
+        "plan_id": plan.pk,
+        "planned": plan.lock_count,
+        "released": sum(by_type.values()),
+        "gone": _gone_count(plan.pk),
+        "runs": runs,
+        "skipped_runs": skipped,
+        "by_entity_type": dict(sorted(by_type.items())),
+    }
+
+
+def release_settled(job: Job) -> None:
+    """After a release job settled (any outcome): tell the configured channels."""
+    from billing_ops.notifications import notify
+
+    env = get_environment(job.environment)
+    plan = LockReleasePlan.objects.filter(pk=job.params.get("plan_id")).first()
+    result = job.result or (release_result(plan) if plan else {})
+    who = job.requested_by.get_username() if job.requested_by else "?"
+    approver = job.approved_by.get_username() if job.approved_by else "-"
+    duration = (job.finished_at - job.started_at).total_seconds() if job.finished_at and job.started_at else 0
+    subject = _("[Billing Ops] %(env)s: lock release #%(id)s %(status)s") % {
+        "env": env.label,
+        "id": job.pk,
+        "status": job.status,
+    }
+    lines = [
+        _("Environment: %(env)s") % {"env": env.label},
+        _("Runs: %(runs)s") % {"runs": ", ".join(str(r) for r in job.params.get("runs", []))},
+        _("Locks released: %(n)s of %(planned)s planned")
+        % {"n": f"{result.get('released', 0):,}", "planned": f"{job.params.get('lock_count', 0):,}"},
+        _("Duration: %(s).1f s") % {"s": duration},
+        _("Requested by %(who)s, approved by %(approver)s") % {"who": who, "approver": approver},
+    ]
+    if job.error:
+        lines.append(_("Error: %(error)s") % {"error": job.error})
+    notify(subject=subject, body="\n".join(lines), source=f"job:{job.pk}")
+
+
+# --- Restore ---------------------------------------------------------------------------------
+
+
+def restore_request(*, actor: Actor, release_job_id: int) -> Job:
+    """An approver puts back what a release job deleted (a mistaken cleanup)."""
+    access.require_approver(actor)
+    release_job = Job.objects.get(pk=release_job_id, kind=RELEASE_KIND)
+    if release_job.status not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED):
+        raise ValidationError(_("Only a finished release can be restored."))
+    plan = LockReleasePlan.objects.get(pk=release_job.params["plan_id"])
+    if plan.restored_by_job_id:
+        raise ValidationError(_("Already restored by job #%(id)s.") % {"id": plan.restored_by_job_id})
+    released = release_result(plan)["released"]
+    if not released:
+        raise ValidationError(_("This release deleted nothing; there is nothing to restore."))
+    return job_request(
+        actor=actor,
+        kind=RESTORE_KIND,
+        environment=plan.environment,
+        params={
+            "plan_id": plan.pk,
+            "release_job_id": release_job.pk,
+            "plan_digest": plan.digest,
+            "released": released,
+        },
+        claims=[f"{RESTORE_KIND}:plan:{plan.pk}"]
+        + [run_claim_key(plan.environment, r) for r in plan.run_ids],
+        requester_check=access.require_approver,
+    )
+
+
+def lock_restore_execute(ctx: JobContext) -> dict[str, Any]:
+    """Insert the released rows back, all in one transaction; ids that exist again are skipped."""
+    env = ctx.env
+    assert env is not None
+    plan = LockReleasePlan.objects.get(pk=ctx.params["plan_id"])
+    if plan.restored_by_job_id:
+        raise JobRefused(_("Already restored by job #%(id)s.") % {"id": plan.restored_by_job_id})
+    if plan_digest(plan.pk) != ctx.params["plan_digest"]:
+        raise JobRefused(_("The recorded lock rows changed since the release; refusing to restore them."))
+    columns = "id, lock_key, entity_type, entity_id, billing_id, system_lock"
+    released_sql = f"""
+        COPY (
+            SELECT i.lock_id, i.lock_key, i.entity_type, i.entity_id, i.billing_id, i.system_lock,
+                   i.create_date
+            FROM locks_lockreleaseitem i
+            JOIN locks_lockreleasebatch b
+              ON b.plan_id = i.plan_id AND b.billing_id = i.billing_id AND b.batch_no = i.batch_no
+            WHERE i.plan_id = {int(plan.pk)} AND b.status = 'done' AND NOT (b.gone_ids ? i.lock_id)
+        ) TO STDOUT
+    """
+    ctx.progress(0, ctx.params["released"], _("Restoring"))
+    with environment_connect(env) as conn:  # one transaction: all rows back, or none
+        conn.execute("SET TimeZone = 'UTC'")
+        conn.execute(
+            "CREATE TEMP TABLE restore_locks (id text, lock_key text, entity_type text, entity_id text, "
+            "billing_id bigint, system_lock boolean, create_date timestamptz) ON COMMIT DROP"
+        )
+        with (
+            connections["default"].cursor() as src_cursor,
+            src_cursor.cursor.copy(released_sql) as src,
+            conn.cursor().copy("COPY restore_locks FROM STDIN") as dst,
+        ):
+            for data in src:
+                dst.write(data)
+        if plan.has_create_date:
+            insert = sql.SQL(
+                "INSERT INTO lock.locks ({cols}, create_date) "
+                "SELECT {cols}, create_date AT TIME ZONE {tz} FROM restore_locks "
+                "ON CONFLICT (id) DO NOTHING RETURNING id"
+            ).format(cols=sql.SQL(columns), tz=sql.Literal(env.time_zone))
+        else:
+            insert = sql.SQL(
+                "INSERT INTO lock.locks ({cols}) SELECT {cols} FROM restore_locks "
+                "ON CONFLICT (id) DO NOTHING RETURNING id"
+            ).format(cols=sql.SQL(columns))
+        restored = len(conn.execute(insert).fetchall())
+        total = conn.execute("SELECT count(*) FROM restore_locks").fetchone()[0]
+        ctx.check_cancel()
+    LockReleasePlan.objects.filter(pk=plan.pk).update(restored_by_job_id=ctx.job_id)
+    ctx.progress(total, total, _("Restored"))
+    return {"plan_id": plan.pk, "restored": restored, "skipped_existing": total - restored, "released": total}
