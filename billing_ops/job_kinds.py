@@ -31,6 +31,10 @@ class JobKind:
     worker_lost_note: str | Promise = ""
     # Dotted path of a callable(job) run once the job has settled (notify, audit).
     on_settled: str = ""
+    # Dotted path of a callable(job, user) -> dict adding what the job page shows for this
+    # kind (e.g. the release preview an approver must see), rendered by
+    # billing_ops/details/<kind>.html.
+    detail_context: str = ""
 
     def needs_approval(self, env: Environment | None) -> bool:
         if self.always_needs_approval:
@@ -80,6 +84,7 @@ LOCK_RELEASE = register(
         destructive=True,
         resumable=True,
         on_settled="locks.release.release_settled",
+        detail_context="locks.views.release_job_detail_context",
         worker_lost_note=_(
             "Every finished batch is committed and recorded; running it again continues with what is left."
         ),

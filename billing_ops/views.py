@@ -7,6 +7,7 @@ from django.contrib.auth.decorators import login_not_required
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
+from django.utils.module_loading import import_string
 from django.utils.translation import gettext as _
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_POST
@@ -66,9 +67,13 @@ def approval_list(request: HttpRequest) -> HttpResponse:
 
 def _job_context(request: HttpRequest, job: Job) -> dict[str, object]:
     user = request.user
+    kind = get_kind(job.kind)
+    detail = import_string(kind.detail_context)(job, user) if kind.detail_context else {}
     return {
+        **detail,
         "job": job,
-        "kind": get_kind(job.kind),
+        "kind": kind,
+        "detail_template": f"billing_ops/details/{job.kind}.html" if kind.detail_context else "",
         "log_lines": job.log_lines.all(),
         "can_decide": access.is_approver(user)
         and job.status == "awaiting_approval"

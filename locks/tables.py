@@ -30,7 +30,18 @@ class RunsTable(tables.Table):
         attrs = {"class": "table"}
         order_by = ("-billing_run_id",)
 
-    def __init__(self, data: Any, *, env_key: str, **kwargs: Any) -> None:
+    def __init__(self, data: Any, *, env_key: str, selectable: bool = False, **kwargs: Any) -> None:
+        if selectable:  # operators pick runs to release; the table sits inside the release form
+            kwargs["extra_columns"] = [
+                (
+                    "runs",
+                    tables.CheckBoxColumn(
+                        accessor="billing_run_id",
+                        attrs={"td__input": {"name": "runs"}, "th__input": {"data-select-all": "runs"}},
+                    ),
+                )
+            ]
+            kwargs["sequence"] = ("runs", "...")
         super().__init__(data, **kwargs)
         self.env_key = env_key
 

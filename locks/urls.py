@@ -13,6 +13,14 @@ urlpatterns = [
     path("environments/<str:env_key>/procedure/", views.procedure, name="procedure"),
     path("report.<str:fmt>", views.report_download, name="report_download"),
     path("metrics", views.metrics, name="metrics"),
+    path("environments/<str:env_key>/releases/preview/", views.release_preview, name="release_preview"),
+    path("environments/<str:env_key>/releases/<int:plan_id>/", views.release_plan, name="release_plan"),
+    path(
+        "environments/<str:env_key>/releases/<int:plan_id>/request/",
+        views.release_confirm,
+        name="release_confirm",
+    ),
+    path("jobs/<int:job_id>/restore-locks/", views.release_restore, name="release_restore"),
     path("alerts/", views.alert_list, name="alert_list"),
     path("alerts/<int:alert_id>/acknowledge/", views.alert_acknowledge, name="alert_acknowledge"),
 ]

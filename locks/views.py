@@ -5,15 +5,18 @@ from __future__ import annotations
 import hmac
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_not_required
 from django.core.cache import cache
 from django.core.exceptions import ValidationError
-from django.http import Http404, HttpRequest, HttpResponse
-from django.shortcuts import redirect, render
+from django.http import Http404, HttpRequest, HttpResponse, QueryDict
+from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import reverse
 from django.utils import timezone
+from django.utils.http import url_has_allowed_host_and_scheme
 from django.utils.translation import gettext as _
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_POST
@@ -24,12 +27,13 @@ from billing_ops.environments import Environment, all_environments
 from billing_ops.models import BillingRun, Job
 from billing_ops.notifications import notifications_failed_recent
 from billing_ops.selectors import LOCK_RELEASE_KIND, last_finished_jobs
-from locks import selectors, services
+from locks import release, selectors, services
 from locks.charts import stuck_locks_svg
 from locks.filters import StuckRunFilter
+from locks.forms import ReleasePreviewForm
 from locks.history import SnapshotChange, alerts_active, alerts_recent, latest_snapshots, stuck_locks_series
 from locks.metrics import render_metrics
-from locks.models import Alert, Lock
+from locks.models import Alert, Lock, LockReleasePlan
 from locks.reports import lock_report, render_csv, render_json, render_markdown
 from locks.tables import LOCKS_PER_PAGE, STUCK_RUNS_PER_PAGE, LockTable, RunsTable
 
@@ -120,7 +124,7 @@ def stuck_runs(request: HttpRequest, env_key: str) -> HttpResponse:
     env = access.get_environment_for_user(request.user, env_key)
     run_filter = StuckRunFilter(request.GET, entity_types=_entity_types(env))
     rows = selectors.stuck_runs(env, run_filter.run_filters())
-    table = RunsTable(rows, env_key=env.key)
+    table = RunsTable(rows, env_key=env.key, selectable=access.is_operator(request.user))
     RequestConfig(request, paginate={"per_page": STUCK_RUNS_PER_PAGE}).configure(table)
     return render(
         request,
@@ -255,3 +259,108 @@ def metrics(request: HttpRequest) -> HttpResponse:
         )
     body, content_type = render_metrics(selectors.environments_status(all_environments()))
     return HttpResponse(body, content_type=content_type)
+
+
+# --- Lock release ------------------------------------------------------------------------------
+
+
+@require_POST
+def release_preview(request: HttpRequest, env_key: str) -> HttpResponse:
+    """Fix a preview of the locks a release would delete: chosen runs, or every run the
+    stuck-runs filter shows."""
+    access.require_operator(request.user)
+    env = access.get_environment_for_user(request.user, env_key)
+    form = ReleasePreviewForm(request.POST)
+    back = request.POST.get("back") or reverse("stuck_runs", kwargs={"env_key": env.key})
+    if not url_has_allowed_host_and_scheme(back, allowed_hosts={request.get_host()}):
+        back = reverse("stuck_runs", kwargs={"env_key": env.key})
+    if not form.is_valid():
+        messages.error(request, _("Choose the runs and which locks to release."))
+        return redirect(back)
+    if form.cleaned_data["scope"] == "shown":
+        shown = StuckRunFilter(QueryDict(form.cleaned_data["filter_query"]), entity_types=_entity_types(env))
+        run_ids = [row["billing_run_id"] for row in selectors.stuck_runs(env, shown.run_filters())]
+    else:
+        run_ids = form.cleaned_data["runs"]
+    try:
+        plan = release.release_plan_prepare(
+            actor=request.user, env=env, run_ids=run_ids, system_only=form.cleaned_data["locks"] == "system"
+        )
+    except ValidationError as exc:
+        messages.error(request, " ".join(exc.messages))
+        return redirect(back)
+    return redirect("release_plan", env_key=env.key, plan_id=plan.pk)
+
+
+@require_GET
+def release_plan(request: HttpRequest, env_key: str, plan_id: int) -> HttpResponse:
+    env = access.get_environment_for_user(request.user, env_key)
+    plan = get_object_or_404(LockReleasePlan, pk=plan_id, environment=env.key)
+    job = Job.objects.filter(kind=release.RELEASE_KIND, params__plan_id=plan.pk).first()
+    return render(
+        request,
+        "locks/release_plan.html",
+        {
+            "env": env,
+            "plan": plan,
+            "job": job,
+            "can_request": plan.status == "draft"
+            and plan.created_by_id == request.user.pk
+            and access.is_operator(request.user),
+        },
+    )
+
+
+@require_POST
+def release_confirm(request: HttpRequest, env_key: str, plan_id: int) -> HttpResponse:
+    access.require_operator(request.user)
+    env = access.get_environment_for_user(request.user, env_key)
+    plan = get_object_or_404(LockReleasePlan, pk=plan_id, environment=env.key)
+    try:
+        job = release.release_request(
+            actor=request.user,
+            plan_id=plan.pk,
+            digest=request.POST.get("digest", ""),
+            confirmation=request.POST.get("confirmation", ""),
+        )
+    except ValidationError as exc:
+        messages.error(request, " ".join(exc.messages))
+        return redirect("release_plan", env_key=env.key, plan_id=plan.pk)
+    if job.status == "awaiting_approval":
+        messages.success(
+            request, _("Release requested as job #%(id)s; it waits for an approver.") % {"id": job.pk}
+        )
+    else:
+        messages.success(request, _("Release queued as job #%(id)s.") % {"id": job.pk})
+    return redirect("job_detail", job_id=job.pk)
+
+
+@require_POST
+def release_restore(request: HttpRequest, job_id: int) -> HttpResponse:
+    access.require_approver(request.user)
+    get_object_or_404(Job, pk=job_id, kind=release.RELEASE_KIND)
+    try:
+        job = release.restore_request(actor=request.user, release_job_id=job_id)
+    except ValidationError as exc:
+        messages.error(request, " ".join(exc.messages))
+        return redirect("job_detail", job_id=job_id)
+    messages.success(request, _("Restore queued as job #%(id)s.") % {"id": job.pk})
+    return redirect("job_detail", job_id=job.pk)
+
+
+def release_job_detail_context(job: Job, user: Any) -> dict[str, Any]:
+    """What the page of a release job adds: the preview the approver decides on."""
+    plan = LockReleasePlan.objects.filter(pk=job.params.get("plan_id")).first()
+    restore_job = Job.objects.filter(kind=release.RESTORE_KIND, params__release_job_id=job.pk).first()
+    return {
+        "plan": plan,
+        "env": access.get_environment_for_user(user, job.environment),
+        "restore_job": restore_job,
+        "can_restore": plan is not None
+        and access.is_approver(user)
+        and job.is_finished
+        and job.status != "refused"
+        and not plan.restored_by_job_id
+        and restore_job is None
+        and bool((job.result or {}).get("released")),
+    }

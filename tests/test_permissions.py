@@ -32,6 +32,13 @@ MATRIX: dict[str, tuple[str, dict[str, Any]]] = {
     "procedure": ("GET", READ_ONLY),
     "report_download": ("GET", READ_ONLY),
     "alert_list": ("GET", READ_ONLY),
+    "release_preview": ("POST", {"anonymous": "login", "nobody": 403, "viewer": 403, "operator": 302,
+                                 "approver": 403}),
+    "release_plan": ("GET", {**READ_ONLY, "viewer": 404, "operator": 404, "approver": 404}),
+    "release_confirm": ("POST", {"anonymous": "login", "nobody": 403, "viewer": 403, "operator": 404,
+                                 "approver": 403}),
+    "release_restore": ("POST", {"anonymous": "login", "nobody": 403, "viewer": 403, "operator": 403,
+                                 "approver": 404}),
     "alert_acknowledge": (
         "POST",
         {"anonymous": "login", "nobody": 403, "viewer": 403, "operator": 404, "approver": 404},
@@ -126,6 +133,12 @@ def test_permission_matrix(
         kwargs = {"env_key": unprotected_env.key}
     if name == "report_download":
         kwargs = {"fmt": "json"}
+    if name in ("release_preview",):
+        kwargs = {"env_key": unprotected_env.key}
+    if name in ("release_plan", "release_confirm"):
+        kwargs = {"env_key": unprotected_env.key, "plan_id": 424242}  # no such plan: 404 once allowed
+    if name == "release_restore":
+        kwargs = {"job_id": 424242}
     if name == "alert_acknowledge":
         kwargs = {"alert_id": 424242}  # no such alert: 404 once allowed (acknowledging is tested with alerts)
     if name == "run_detail":

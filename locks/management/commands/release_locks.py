@@ -94,7 +94,7 @@ def _preview_text(label: str, plan: LockReleasePlan) -> str:
     what = "system locks" if plan.system_only else "locks"
     lines = [f"Preview for {label}: {plan.lock_count:,} {what} of {len(plan.summary['runs'])} run(s)"]
     for run_id, run in plan.summary["runs"].items():
-        types = ", ".join(f"{t} {n:,}" for t, n in run["by_entity_type"].items())
+        types = ", ".join(f"{t} {n:,}" for t, n in sorted(run["by_entity_type"].items()))
         lines.append(f"  run {run_id} {run['billing_number']} ({run['status']}): {run['locks']:,} — {types}")
     for run_id, reason in plan.summary["refused"].items():
         lines.append(f"  run {run_id} left out: {reason}")
