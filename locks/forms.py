@@ -31,3 +31,24 @@ class ReleasePreviewForm(forms.Form):
         if data.get("scope") == "selected" and not data.get("runs"):
             raise forms.ValidationError(_("Select at least one run."))
         return data
+
+
+def _time_zone_choices() -> list[tuple[str, str]]:
+    from zoneinfo import available_timezones
+
+    return [(tz, tz) for tz in sorted(available_timezones())]
+
+
+class CleanupScheduleForm(forms.Form):
+    """When the scheduled cleanup runs: crontab fields in a chosen time zone."""
+
+    enabled = forms.BooleanField(label=_("Run the scheduled cleanup"), required=False)
+    minute = forms.CharField(label=_("Minute"), max_length=60, initial="0")
+    hour = forms.CharField(label=_("Hour"), max_length=60, initial="2")
+    day_of_week = forms.CharField(
+        label=_("Days of the week"),
+        max_length=60,
+        initial="*",
+        help_text=_("cron syntax: * for every day, mon-fri, 1,3,5 …"),
+    )
+    time_zone = forms.ChoiceField(label=_("Time zone"), choices=_time_zone_choices)

@@ -284,3 +284,22 @@ class LockReleaseBatch(models.Model):
 
     def __str__(self) -> str:
         return f"plan {self.plan_id} run {self.billing_id} batch {self.batch_no}"
+
+
+class CleanupPolicy(models.Model):
+    """Whether the scheduled cleanup releases an environment's eligible locks.
+
+    Without a row: on in unprotected environments, off in protected ones. Enabled in a
+    protected environment, the schedule only opens requests an approver must decide on.
+    """
+
+    environment = models.CharField(max_length=32, unique=True)
+    enabled = models.BooleanField()
+    system_only = models.BooleanField(default=False)
+    updated_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, null=True, blank=True, related_name="+"
+    )
+    updated_at = models.DateTimeField(default=timezone.now)
+
+    def __str__(self) -> str:
+        return f"{self.environment}: {'on' if self.enabled else 'off'}"

@@ -324,7 +324,7 @@ def release_request(
             raise PermissionDenied(_("Request a release from your own preview."))
         if digest != plan.digest:
             raise ValidationError(_("The preview changed since you read it; preview again."))
-        if env.confirm_name and confirmation.strip() != env.label:
+        if env.confirm_name and not plan.scheduled and confirmation.strip() != env.label:
             raise ValidationError(
                 _("Type the environment's name, %(name)s, to confirm a release in it.") % {"name": env.label}
             )

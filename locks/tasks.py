@@ -6,7 +6,7 @@ from typing import Any
 
 from celery import shared_task
 
-from locks import services
+from locks import schedule, services
 
 
 @shared_task(name="locks.tasks.snapshot_environments", ignore_result=True)
@@ -21,3 +21,9 @@ def snapshot_environments() -> dict[str, Any]:
         "alerts": [f"{e.event} #{e.alert.pk} {e.alert.environment} {e.alert.kind}" for e in events],
         "pruned": pruned,
     }
+
+
+@shared_task(name="locks.tasks.scheduled_cleanup", ignore_result=True)
+def scheduled_cleanup() -> list[str]:
+    """The daily cleanup (see locks.schedule): request releases where the policy is on."""
+    return schedule.cleanup_scheduled_run()

@@ -21,6 +21,7 @@ urlpatterns = [
         name="release_confirm",
     ),
     path("jobs/<int:job_id>/restore-locks/", views.release_restore, name="release_restore"),
+    path("cleanup-schedule/", views.cleanup_schedule, name="cleanup_schedule"),
     path("alerts/", views.alert_list, name="alert_list"),
     path("alerts/<int:alert_id>/acknowledge/", views.alert_acknowledge, name="alert_acknowledge"),
 ]

@@ -19,7 +19,7 @@ from django.utils import timezone
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.utils.translation import gettext as _
 from django.views.decorators.cache import never_cache
-from django.views.decorators.http import require_GET, require_POST
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from django_tables2 import LazyPaginator, RequestConfig
 
 from billing_ops import access
@@ -27,10 +27,10 @@ from billing_ops.environments import Environment, all_environments
 from billing_ops.models import BillingRun, Job
 from billing_ops.notifications import notifications_failed_recent
 from billing_ops.selectors import LOCK_RELEASE_KIND, last_finished_jobs
-from locks import release, selectors, services
+from locks import release, schedule, selectors, services
 from locks.charts import stuck_locks_svg
 from locks.filters import StuckRunFilter
-from locks.forms import ReleasePreviewForm
+from locks.forms import CleanupScheduleForm, ReleasePreviewForm
 from locks.history import SnapshotChange, alerts_active, alerts_recent, latest_snapshots, stuck_locks_series
 from locks.metrics import render_metrics
 from locks.models import Alert, Lock, LockReleasePlan
@@ -364,3 +364,58 @@ def release_job_detail_context(job: Job, user: Any) -> dict[str, Any]:
         and restore_job is None
         and bool((job.result or {}).get("released")),
     }
+
+
+# --- Scheduled cleanup -----------------------------------------------------------------------
+
+
+@require_http_methods(["GET", "POST"])
+def cleanup_schedule(request: HttpRequest) -> HttpResponse:
+    """When the scheduled cleanup runs and where; approvers change it."""
+    access.require_viewer(request.user)
+    task = schedule.cleanup_schedule()
+    cron = task.crontab
+    initial = {
+        "enabled": task.enabled,
+        "minute": cron.minute,
+        "hour": cron.hour,
+        "day_of_week": cron.day_of_week,
+        "time_zone": str(cron.timezone),
+    }
+    form = CleanupScheduleForm(initial=initial)
+    if request.method == "POST":
+        access.require_approver(request.user)
+        if request.POST.get("what") == "schedule":
+            form = CleanupScheduleForm(request.POST)
+            if form.is_valid():
+                try:
+                    schedule.cleanup_schedule_set(actor=request.user, **form.cleaned_data)
+                except ValidationError as exc:
+                    form.add_error(None, exc)
+                else:
+                    messages.success(request, _("Schedule saved."))
+                    return redirect("cleanup_schedule")
+        else:
+            for policy in schedule.cleanup_policies():
+                schedule.cleanup_policy_set(
+                    actor=request.user,
+                    env=policy.env,
+                    enabled=request.POST.get(f"enabled_{policy.env.key}") == "on",
+                    system_only=request.POST.get(f"system_only_{policy.env.key}") == "on",
+                )
+            messages.success(request, _("Environments saved."))
+            return redirect("cleanup_schedule")
+    recent = Job.objects.filter(kind=release.RELEASE_KIND, params__scheduled=True).select_related(
+        "requested_by"
+    )[:10]
+    return render(
+        request,
+        "locks/cleanup_schedule.html",
+        {
+            "task": task,
+            "form": form,
+            "policies": schedule.cleanup_policies(),
+            "recent": recent,
+            "can_edit": access.is_approver(request.user),
+        },
+    )

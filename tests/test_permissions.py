@@ -32,6 +32,7 @@ MATRIX: dict[str, tuple[str, dict[str, Any]]] = {
     "procedure": ("GET", READ_ONLY),
     "report_download": ("GET", READ_ONLY),
     "alert_list": ("GET", READ_ONLY),
+    "cleanup_schedule": ("GET", READ_ONLY),
     "release_preview": ("POST", {"anonymous": "login", "nobody": 403, "viewer": 403, "operator": 302,
                                  "approver": 403}),
     "release_plan": ("GET", {**READ_ONLY, "viewer": 404, "operator": 404, "approver": 404}),
