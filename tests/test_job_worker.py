@@ -119,3 +119,45 @@ def test_a_job_whose_worker_is_killed_is_resumed_by_the_sweeper(
     assert job.attempts == 2
     assert job.result["row_counts"]["lock.locks"] == 12
     assert job.log_lines.filter(message__contains="stopped responding").exists()
+
+
+def test_a_release_whose_worker_is_killed_resumes_with_correct_totals(
+    celery_worker, operator, unprotected_env, clean_environments, settings, monkeypatch
+) -> None:
+    from locks import release
+    from locks.models import LockReleaseBatch
+    from tests.factories import make_locks, make_run
+
+    env = unprotected_env
+    monkeypatch.setattr(release, "BATCH_SIZE_ROWS", 10)
+    make_run(env, 1)
+    make_locks(env, 1, 40)
+    plan = release.release_plan_prepare(actor=operator, env=env, run_ids=[1], system_only=False)
+    second_batch = list(plan.items.filter(batch_no=1).values_list("lock_id", flat=True))
+    # Another session holds a row of batch 2: the worker finishes batch 1, then waits there.
+    blocker = psycopg.connect(_test_url(env.alias))
+    blocker.execute("SELECT 1 FROM lock.locks WHERE id = %s FOR UPDATE", [second_batch[0]])
+    try:
+        job = release.release_request(actor=operator, plan_id=plan.pk, digest=plan.digest)
+        wait_for(
+            lambda: LockReleaseBatch.objects.filter(plan=plan, status="done").count() == 1
+            and LockReleaseBatch.objects.filter(plan=plan, status="deleting").exists(),
+            what="batch 1 done and batch 2 started",
+        )
+        celery_worker.kill()
+    finally:
+        blocker.rollback()
+        blocker.close()
+    settings.JOB_STALE_AFTER_S = 3
+    time.sleep(4)
+    report = services.jobs_sweep()
+    assert job.pk in report.requeued
+    celery_worker.start()
+    job = wait_for(lambda: finished(job.pk), what="the resumed release to finish")
+    assert job.status == JobStatus.SUCCEEDED, job.error
+    assert job.attempts == 2
+    assert job.result["released"] == 40 and job.result["gone"] == 0
+    assert sum(LockReleaseBatch.objects.filter(plan=plan).values_list("deleted_count", flat=True)) == 40
+    with connections[env.alias].cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM lock.locks WHERE billing_id = 1")
+        assert cursor.fetchone()[0] == 0
