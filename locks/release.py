@@ -460,6 +460,13 @@ def _release_batch(
                 if reason:
                     raise NoLongerEligible(reason)
                 deleted = {r[0] for r in conn.execute(DELETE_BATCH_SQL, params).fetchall()}
+                # Planned rows still there after the delete changed since the preview.
+                still_there = {
+                    r[0]
+                    for r in conn.execute(
+                        "SELECT id FROM lock.locks WHERE id = ANY(%s)", [params["ids"]]
+                    ).fetchall()
+                }
             break
         except psycopg.errors.LockNotAvailable:
             if attempt == LOCK_TIMEOUT_RETRIES:
@@ -471,13 +478,16 @@ def _release_batch(
             )
             time.sleep(LOCK_TIMEOUT_BACKOFF_S * (attempt + 1))
     gone = [i[0] for i in items if i[0] not in deleted]
+    note = ""
+    deleted_count = len(deleted)
     if resuming:
-        # The interrupted attempt deleted these in a committed batch before it could say so.
-        note = _("resumed: %(n)s rows were already gone") % {"n": len(gone)}
-        deleted_count, gone = len(items), []
-    else:
-        note = ""
-        deleted_count = len(deleted)
+        # Rows missing now were deleted by the interrupted attempt, which committed this
+        # batch before it could record it (it held the run's advisory lock): count them
+        # once, as released. Rows still there had changed and stay "gone" (left alone).
+        earlier = [lock_id for lock_id in gone if lock_id not in still_there]
+        gone = [lock_id for lock_id in gone if lock_id in still_there]
+        deleted_count += len(earlier)
+        note = _("resumed: %(n)s rows had been deleted by the interrupted attempt") % {"n": len(earlier)}
     LockReleaseBatch.objects.filter(pk=batch.pk).update(
         status=ReleaseBatchStatus.DONE,
         deleted_count=deleted_count,
