@@ -226,7 +226,8 @@ def test_a_resumed_job_finishes_without_double_counting(operator, env_with_runs,
         ids = sorted(plan.items.filter(batch_no=batch.batch_no).values_list("lock_id", flat=True))
         with connections[env.alias].cursor() as cursor:
             if state == "deleting":  # one of its rows changed meanwhile: not released, reported
-                cursor.execute("UPDATE lock.locks SET system_lock = NOT system_lock WHERE id = %s", [ids.pop()])
+                flip = "UPDATE lock.locks SET system_lock = NOT system_lock WHERE id = %s"
+                cursor.execute(flip, [ids.pop()])
             cursor.execute("DELETE FROM lock.locks WHERE id = ANY(%s)", [ids])
         LockReleaseBatch.objects.filter(pk=batch.pk).update(
             status=state, deleted_count=len(ids) if state == "done" else 0
