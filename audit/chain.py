@@ -19,6 +19,10 @@ Every ``audit_logs`` row links to the one before it in ``created_at`` order: its
 
 Rows the dashboard writes carry ``"hash_scheme": "billing-ops/1"`` in ``new_data``; rows
 of other writers (whose formula is unknown) are checked for linkage only.
+
+The dashboard's own audit trail (``audit.models.AuditEntry`` in ``default``) is chained
+with this same canonical form; ``dashboard_entry_fields`` says how its columns map onto
+it, so that anyone can recompute an entry's hash from the row alone.
 """
 
 from __future__ import annotations
@@ -67,3 +71,44 @@ def entry_hash(**fields: Any) -> str:
 
 def is_ours(new_data: dict[str, Any] | None) -> bool:
     return bool(new_data) and new_data.get("hash_scheme") == HASH_SCHEME  # type: ignore[union-attr]
+
+
+def dashboard_entry_fields(
+    *,
+    action: str,
+    object_type: str,
+    object_id: str,
+    actor_id: int | None,
+    actor_name: str,
+    environment: str,
+    params: dict[str, Any],
+    outcome: dict[str, Any],
+    created_at: datetime,
+    previous_hash: str | None,
+) -> dict[str, Any]:
+    """The canonical fields of a dashboard audit entry (pass them to ``entry_hash``).
+
+    - action: the entry's action (``job.approved``);
+    - record_id: ``"<object_type>:<object_id>"`` (``"job:42"``), null when both are blank;
+    - old_data: null (an entry records an event, not a row's before and after);
+    - new_data: ``{"actor": actor_name, "actor_id": the user's id as a string or null,
+      "environment": ..., "params": ..., "outcome": ..., "hash_scheme": HASH_SCHEME}``,
+      with ``params`` and ``outcome`` exactly as stored: their leaves are already strings
+      (or null) when written, so the stored JSON is what is hashed;
+    - created_at and previous_hash: the columns.
+    """
+    return {
+        "action": action,
+        "record_id": f"{object_type}:{object_id}" if object_type or object_id else None,
+        "old_data": None,
+        "new_data": {
+            "actor": actor_name,
+            "actor_id": None if actor_id is None else str(actor_id),
+            "environment": environment,
+            "params": params,
+            "outcome": outcome,
+            "hash_scheme": HASH_SCHEME,
+        },
+        "created_at": created_at,
+        "previous_hash": previous_hash,
+    }

@@ -1,0 +1,544 @@
+"""Reading the audit trails: the dashboard's entries (filters, CSV export) and verifying a
+hash chain, the dashboard's own or an environment's ``public.audit_logs``.
+
+Verification streams the rows in ``created_at`` order through a server-side cursor (in a
+transaction, so PostgreSQL streams it instead of materialising a held cursor), so memory
+stays constant however long the chain is. Each row is checked twice:
+
+* **content**: its hash is recomputed with ``audit.chain`` (every dashboard entry; an
+  environment's rows only when they carry our ``hash_scheme``, other writers' formula
+  being unknown);
+* **linkage**: its ``previous_hash`` should be the ``hash`` of the row before it.
+
+Telling *what* happened from a broken link needs more than the previous row, so the walk
+keeps a window of the last ``LINK_WINDOW_ROWS`` rows and judges a row only when it leaves
+the window, once the rows around it have been seen. Where ``previous_hash`` points tells
+the story:
+
+* to the row just before: intact;
+* to a row further back: the rows in between are *skipped over*. A skipped row that no
+  genuine row links to (nothing, or only other intruders: two forgeries in a row) is
+  **row inserted**. A skipped row that a genuine row links to is out of place: see next;
+* to a row that comes *later* in ``created_at`` order: the link runs backwards in time, and
+  both ends are **rows swapped** (for a row moved further, its neighbours on the chain are
+  reported too: the order around it contradicts their links);
+* to no row in the window: looked up in the whole table where ``hash`` and
+  ``previous_hash`` are indexed (the dashboard's; an environment's are not, so there the
+  window is the limit). Found far away: **rows swapped**; found nowhere: **row deleted**,
+  reported at the row after the gap. A row before it that was rewritten *and* re-hashed
+  leaves the same evidence, which the detail says;
+* empty, though rows come before it: those rows are intruders if nothing links to them
+  (forged ahead of the first entry), otherwise **link broken**.
+
+A row whose hash does not recompute is **content changed**. Recomputing with another
+``previous_hash`` refines what the links seem to say, so one altered column is reported
+once, at its row:
+
+* the row recomputes with the previous row's hash as ``previous_hash``: only that column
+  was altered; the link is taken as right (no insertion or deletion is reported);
+* the previous row recomputes to the hash this row links to: only the previous row's
+  ``hash`` column was altered; the link is taken as right;
+* the row recomputes with its predecessor's own ``previous_hash``: it was relinked to a
+  forged predecessor, which is reported as **row inserted**.
+
+What a chain without a secret cannot show: a forger who rewrites a row and re-hashes every
+row after it, or who appends at the end, or who deletes the newest rows, leaves a valid
+chain. Keep the reported head (id and hash) somewhere else and compare it later.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from django.db import connection, connections, transaction
+from django.db.models import QuerySet, TextField, Value
+from django.db.models.functions import Coalesce
+
+from audit.chain import entry_hash, format_created_at, is_ours
+from audit.models import AuditEntry, AuditLog
+from audit.services import CHAIN_DATESTYLE, audit_entry_fields
+from billing_ops.environments import Environment
+
+# Rows kept around the one being judged; a row moved further than this is told apart from a
+# deleted one only where the hash column is indexed (the dashboard's).
+LINK_WINDOW_ROWS = 64
+# Rows fetched per round trip of the server-side cursor.
+VERIFY_CHUNK_ROWS = 2_000
+# Damaged rows listed in a report; beyond this only counted.
+MAX_REPORTED_DAMAGES = 1_000
+HASH_SHOWN_CHARS = 12
+
+# --- Browsing and export -------------------------------------------------------------------
+
+
+def audit_entries(
+    *,
+    action: str = "",
+    action_prefix: str = "",
+    actor_name: str = "",
+    environment: str = "",
+    object_type: str = "",
+    object_id: str = "",
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> QuerySet[AuditEntry]:
+    """The dashboard's audit entries, newest first; blank filters are ignored.
+
+    ``action_prefix`` ("job.") selects a family of actions; ``since`` is inclusive and
+    ``until`` exclusive. No ``select_related``: tables show ``actor_name``, which outlives
+    the user.
+    """
+    entries = AuditEntry.objects.all()
+    if action:
+        entries = entries.filter(action=action)
+    if action_prefix:
+        entries = entries.filter(action__startswith=action_prefix)
+    if actor_name:
+        entries = entries.filter(actor_name=actor_name)
+    if environment:
+        entries = entries.filter(environment=environment)
+    if object_type:
+        entries = entries.filter(object_type=object_type)
+    if object_id:
+        entries = entries.filter(object_id=object_id)
+    if since is not None:
+        entries = entries.filter(created_at__gte=since)
+    if until is not None:
+        entries = entries.filter(created_at__lt=until)
+    return entries.order_by("-created_at")
+
+
+AUDIT_CSV_COLUMNS = (
+    "id",
+    "created_at",
+    "actor",
+    "action",
+    "environment",
+    "object_type",
+    "object_id",
+    "params",
+    "outcome",
+    "hash",
+    "previous_hash",
+)
+# A spreadsheet runs a cell starting with one of these as a formula (OWASP "CSV injection");
+# the same rule as the lock report's export (locks.reports).
+CSV_FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+CSV_FORMULA_ESCAPE = "'"
+
+
+def audit_csv_rows(entries: Iterable[AuditEntry]) -> Iterator[list[str]]:
+    """The header, then one row per entry, for ``csv.writer`` (stream it: pass
+    ``audit_entries(...).iterator()``). ``created_at`` is written as the chain hashes it
+    (UTC, microseconds), params and outcome as sorted JSON; cells a spreadsheet would run as
+    a formula get a leading ``'``."""
+    yield list(AUDIT_CSV_COLUMNS)
+    for entry in entries:
+        yield [
+            _csv_cell(value)
+            for value in (
+                entry.pk,
+                format_created_at(entry.created_at),
+                entry.actor_name,
+                entry.action,
+                entry.environment,
+                entry.object_type,
+                entry.object_id,
+                json.dumps(entry.params, sort_keys=True, ensure_ascii=False),
+                json.dumps(entry.outcome, sort_keys=True, ensure_ascii=False),
+                entry.hash,
+                entry.previous_hash,
+            )
+        ]
+
+
+def audit_csv(entries: Iterable[AuditEntry]) -> str:
+    """The whole export as text (small exports and tests; stream big ones row by row)."""
+    buffer = io.StringIO()
+    csv.writer(buffer).writerows(audit_csv_rows(entries))
+    return buffer.getvalue()
+
+
+def _csv_cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        return str(value)  # ids: a number is never a formula and must stay a number
+    if value.startswith(CSV_FORMULA_PREFIXES):
+        return CSV_FORMULA_ESCAPE + value
+    return value
+
+
+# --- Verification ---------------------------------------------------------------------------
+
+
+class DamageKind(StrEnum):
+    CONTENT_CHANGED = "content changed"
+    ROW_DELETED = "row deleted"
+    ROW_INSERTED = "row inserted"
+    ROWS_SWAPPED = "rows swapped"
+    LINK_BROKEN = "link broken"
+
+
+@dataclass(frozen=True)
+class Damage:
+    entry_id: int
+    kind: DamageKind
+    detail: str
+
+
+@dataclass(frozen=True)
+class ChainPoint:
+    entry_id: int
+    hash: str
+
+
+@dataclass
+class ChainReport:
+    """What a verification found. ``verified_head`` is the last entry of the intact
+    beginning of the chain (the chain's head when nothing is damaged)."""
+
+    chain: str
+    entries: int = 0
+    recomputed: int = 0
+    damaged_entries: int = 0
+    damages: list[Damage] = field(default_factory=list)
+    first_broken: ChainPoint | None = None
+    verified_head: ChainPoint | None = None
+    head: ChainPoint | None = None
+
+    @property
+    def intact(self) -> bool:
+        return self.damaged_entries == 0
+
+    @property
+    def linkage_only(self) -> int:
+        return self.entries - self.recomputed
+
+    def damages_of(self, entry_id: int) -> set[DamageKind]:
+        return {damage.kind for damage in self.damages if damage.entry_id == entry_id}
+
+
+def dashboard_chain_verify(*, chunk_rows: int = VERIFY_CHUNK_ROWS) -> ChainReport:
+    """Verify the dashboard's own audit chain (``default``), in constant memory."""
+    walk = _ChainWalk(ChainReport(chain="dashboard"), index=_DashboardIndex())
+    with transaction.atomic():
+        _read_times_as_django_does(connection)
+        # created_at is unique: its index gives the order without a sort.
+        for entry in AuditEntry.objects.order_by("created_at").iterator(chunk_size=chunk_rows):
+            walk.feed(
+                entry_id=entry.pk,
+                hash=entry.hash,
+                previous_hash=entry.previous_hash,
+                rehash=_rehasher(audit_entry_fields(entry)),
+            )
+    return walk.finish()
+
+
+def environment_chain_verify(*, env: Environment, chunk_rows: int = VERIFY_CHUNK_ROWS) -> ChainReport:
+    """Verify an environment's ``public.audit_logs`` (runbook §5.4, over every row): linkage
+    of all rows, and the hash of the rows we wrote (``hash_scheme``), in constant memory.
+    Its ``hash`` and ``previous_hash`` have no index: the walk searches its window only."""
+    walk = _ChainWalk(ChainReport(chain=f"environment {env.key}"), index=None)
+    rows = (
+        AuditLog.objects.using(env.alias)
+        .order_by("created_at", "id")
+        .values_list(
+            "id", "action", "record_id", "old_data", "new_data", "hash", "previous_hash", "created_at"
+        )
+    )
+    with transaction.atomic(using=env.alias):
+        _read_times_as_django_does(connections[env.alias])
+        for (
+            entry_id,
+            action,
+            record_id,
+            old_data,
+            new_data,
+            digest,
+            previous_hash,
+            created_at,
+        ) in rows.iterator(chunk_size=chunk_rows):
+            ours = isinstance(new_data, dict) and is_ours(new_data)
+            fields = {
+                "action": action,
+                "record_id": record_id,
+                "old_data": old_data,
+                "new_data": new_data,
+                "created_at": created_at,
+            }
+            walk.feed(
+                entry_id=entry_id,
+                hash=digest,
+                previous_hash=previous_hash,
+                rehash=_rehasher(fields) if ours else None,
+            )
+    return walk.finish()
+
+
+def _read_times_as_django_does(db: Any) -> None:
+    """Whatever the session's TimeZone and DateStyle, read times right (see CHAIN_DATESTYLE)."""
+    with db.cursor() as cursor:
+        cursor.execute(
+            "SELECT set_config('TimeZone', %s, true), set_config('DateStyle', %s, true)",
+            [db.timezone_name, CHAIN_DATESTYLE],
+        )
+
+
+def _rehasher(fields: dict[str, Any]) -> Callable[[str | None], str]:
+    """The row's hash as it would be with another ``previous_hash``."""
+
+    def rehash(previous_hash: str | None) -> str:
+        return entry_hash(**{**fields, "previous_hash": previous_hash})
+
+    return rehash
+
+
+class _DashboardIndex:
+    """Point lookups beyond the window, on the dashboard table's unique indexes."""
+
+    def entry_with_hash(self, digest: str) -> int | None:
+        return AuditEntry.objects.filter(hash=digest).values_list("id", flat=True).first()
+
+    def entry_linking_to(self, digest: str) -> int | None:
+        # The expression of the audit_entry_one_successor index, so that it is used.
+        return (
+            AuditEntry.objects.annotate(
+                linked_to=Coalesce("previous_hash", Value(""), output_field=TextField())
+            )
+            .filter(linked_to=digest)
+            .values_list("id", flat=True)
+            .first()
+        )
+
+
+def _short(digest: str | None) -> str:
+    return "(empty)" if digest is None else digest[:HASH_SHOWN_CHARS] + "…"
+
+
+# How a row's previous_hash was resolved while it is in the window.
+LINK_OK = "ok"  # the row before it (possibly after repairing an altered column), or empty for the first
+LINK_BACK = "back"  # a row further back: the ones in between are skipped over
+LINK_LATER = "later"  # a row that came after it: the link runs backwards in time
+LINK_PENDING = "pending"  # not seen (yet)
+LINK_EMPTY = "empty"  # empty, though rows come before it
+
+
+@dataclass(eq=False)
+class _Slot:
+    position: int
+    entry_id: int
+    hash: str
+    previous_hash: str | None
+    computed_hash: str | None  # recomputed from the row; None for another writer's row
+    link: str = LINK_OK
+    linked_from: list[_Slot] = field(default_factory=list)  # rows whose previous_hash is its hash
+    skipped: bool = False
+    relinked_by: int | None = None  # a later row was relinked over this (forged) one
+    inserted: bool | None = None  # the verdict, once judged
+    findings: dict[DamageKind, str] = field(default_factory=dict)
+
+    @property
+    def content_ok(self) -> bool | None:
+        return None if self.computed_hash is None else self.computed_hash == self.hash
+
+
+class _ChainWalk:
+    """The classification described in the module docstring, one row at a time. Memory:
+    the window, and the damages listed (at most MAX_REPORTED_DAMAGES)."""
+
+    def __init__(
+        self,
+        report: ChainReport,
+        *,
+        index: _DashboardIndex | None,
+        window_rows: int = LINK_WINDOW_ROWS,
+    ) -> None:
+        self.report = report
+        self.index = index
+        self.window_rows = window_rows
+        self.window: deque[_Slot] = deque()
+        self.by_hash: dict[str, _Slot] = {}
+        self.waiting: dict[str, list[_Slot]] = {}  # previous_hash -> rows waiting for that row
+        self.position = 0
+
+    def feed(
+        self,
+        *,
+        entry_id: int,
+        hash: str,
+        previous_hash: str | None,
+        rehash: Callable[[str | None], str] | None,
+    ) -> None:
+        computed = None if rehash is None else rehash(previous_hash)
+        slot = _Slot(self.position, entry_id, hash, previous_hash, computed)
+        self.position += 1
+        self.report.entries += 1
+        self.report.recomputed += rehash is not None
+
+        # Rows that came earlier and link to this one: their links run backwards in time.
+        for earlier in self.waiting.pop(hash, []):
+            earlier.link = LINK_LATER
+            slot.linked_from.append(earlier)
+            for one in (earlier, slot):
+                one.findings[DamageKind.ROWS_SWAPPED] = (
+                    f"#{earlier.entry_id} links to #{slot.entry_id}, which comes after it in created_at order"
+                )
+
+        last = self.window[-1] if self.window else None
+        expected = last.hash if last else None
+        predecessor: _Slot | None = None
+        if previous_hash == expected:
+            predecessor = last
+        elif rehash is not None and rehash(expected) == hash:
+            # Only its previous_hash was altered: the row really follows `last`.
+            slot.findings[DamageKind.CONTENT_CHANGED] = (
+                f"its previous_hash was changed from {_short(expected)} to {_short(previous_hash)}"
+            )
+            predecessor = last
+        elif last is not None and last.content_ok is False and last.computed_hash == previous_hash:
+            # The row before recomputes to what this one links to: only its hash column was altered.
+            last.findings[DamageKind.CONTENT_CHANGED] = (
+                f"its hash column was changed; the row itself still recomputes to {_short(previous_hash)}, "
+                f"which #{entry_id} links to"
+            )
+            predecessor = last
+        elif previous_hash is None:
+            self._link_empty(slot)
+        elif (found := self.by_hash.get(previous_hash)) is not None:
+            slot.link = LINK_BACK
+            predecessor = found
+            for between in reversed(self.window):
+                if between.position <= found.position:
+                    break
+                between.skipped = True
+        else:
+            slot.link = LINK_PENDING
+            self.waiting.setdefault(previous_hash, []).append(slot)
+
+        if predecessor is not None:
+            predecessor.linked_from.append(slot)
+            if (
+                rehash is not None
+                and slot.content_ok is False
+                and DamageKind.CONTENT_CHANGED not in slot.findings
+                and rehash(predecessor.previous_hash) == hash
+            ):
+                # It was written after the predecessor's predecessor and relinked since.
+                predecessor.relinked_by = slot.entry_id
+                slot.findings[DamageKind.CONTENT_CHANGED] = (
+                    f"its previous_hash was changed to link to #{predecessor.entry_id}"
+                )
+
+        self.window.append(slot)
+        self.by_hash.setdefault(hash, slot)
+        if len(self.window) > self.window_rows:
+            self._judge(self.window.popleft())
+
+    def _link_empty(self, slot: _Slot) -> None:
+        """An empty previous_hash after other rows: either they were forged ahead of the
+        real first entry (nothing links to any of them), or the link is broken."""
+        if not self.window:
+            return
+        at_start = self.window[0].position == 0
+        if at_start and not any(row.linked_from for row in self.window):
+            for row in self.window:
+                row.skipped = True
+        else:
+            slot.link = LINK_EMPTY
+
+    def finish(self) -> ChainReport:
+        while self.window:
+            self._judge(self.window.popleft())
+        return self.report
+
+    def _intruder(self, slot: _Slot, seen: set[int]) -> bool:
+        """Inserted: relinked over, or skipped over with nothing but intruders linking to it
+        (two forged rows in a row: the second links to the first)."""
+        if slot.inserted is not None:
+            return slot.inserted
+        if slot.relinked_by is not None:
+            return True
+        if not slot.skipped or slot.position in seen:
+            return False
+        seen.add(slot.position)
+        if not slot.linked_from and self.index is not None:
+            # Something far away may link to it: then it is out of place, not forged.
+            return self.index.entry_linking_to(slot.hash) is None
+        return all(self._intruder(row, seen) for row in slot.linked_from)
+
+    def _judge(self, slot: _Slot) -> None:
+        if self.by_hash.get(slot.hash) is slot:
+            del self.by_hash[slot.hash]
+        if slot.link == LINK_PENDING:
+            assert slot.previous_hash is not None
+            waiting = self.waiting.get(slot.previous_hash, [])
+            if slot in waiting:
+                waiting.remove(slot)
+            if not waiting:
+                self.waiting.pop(slot.previous_hash, None)
+
+        findings = slot.findings
+        slot.inserted = self._intruder(slot, set())
+        if slot.inserted:
+            findings = {DamageKind.ROW_INSERTED: self._inserted_detail(slot)}
+        else:
+            if slot.content_ok is False and DamageKind.CONTENT_CHANGED not in findings:
+                findings[DamageKind.CONTENT_CHANGED] = "its hash does not recompute from the row"
+            if slot.link == LINK_PENDING:
+                kind, detail = self._missing_predecessor(slot)
+                findings.setdefault(kind, detail)
+            elif slot.link == LINK_EMPTY:
+                findings[DamageKind.LINK_BROKEN] = "its previous_hash is empty, but entries come before it"
+        slot.linked_from = []  # judged: let go of the rows around it
+        self._record(slot, findings)
+
+    def _inserted_detail(self, slot: _Slot) -> str:
+        if slot.relinked_by is not None:
+            return f"no entry linked to it until #{slot.relinked_by} was relinked to it"
+        detail = "no genuine entry links to it; the entry after it links past it"
+        if slot.content_ok is False:
+            detail += " (and its hash does not recompute)"
+        return detail
+
+    def _missing_predecessor(self, slot: _Slot) -> tuple[DamageKind, str]:
+        assert slot.previous_hash is not None
+        found = self.index.entry_with_hash(slot.previous_hash) if self.index else None
+        if found is not None:
+            return (
+                DamageKind.ROWS_SWAPPED,
+                f"it links to #{found}, which is far from it in created_at order",
+            )
+        short = _short(slot.previous_hash)
+        if self.index is None:  # the window was all we could search
+            missing = f"it links to {short}, which none of the {self.window_rows} entries around it has"
+            causes = f"deleted, rewritten and re-hashed, or moved more than {self.window_rows} entries away"
+        else:
+            missing = f"it links to {short}, which no entry has"
+            causes = "deleted, or rewritten and re-hashed"
+        if slot.position == 0:
+            return DamageKind.ROW_DELETED, f"entries before the first one were deleted: {missing}"
+        return DamageKind.ROW_DELETED, f"the entry before it is missing ({causes}): {missing}"
+
+    def _record(self, slot: _Slot, findings: dict[DamageKind, str]) -> None:
+        report = self.report
+        point = ChainPoint(slot.entry_id, slot.hash)
+        report.head = point
+        if not findings:
+            if report.first_broken is None:
+                report.verified_head = point
+            return
+        report.damaged_entries += 1
+        if report.first_broken is None:
+            report.first_broken = point
+        for kind in DamageKind:
+            if kind in findings and len(report.damages) < MAX_REPORTED_DAMAGES:
+                report.damages.append(Damage(slot.entry_id, kind, findings[kind]))
