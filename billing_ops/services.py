@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 Actor = AbstractBaseUser | AnonymousUser
 
 
-def _user(actor: Actor) -> User:
+def user_of(actor: Actor) -> User:
     assert isinstance(actor, User), "access checks let only signed-in users through"
     return actor
 
@@ -111,7 +111,7 @@ def job_request(
             params=params,
             params_digest=digest,
             status=status,
-            requested_by=_user(actor),
+            requested_by=user_of(actor),
         )
         _claims_take(job, claims)
         job_log(job.pk, _("Requested by %(user)s.") % {"user": actor.get_username()})
@@ -172,7 +172,7 @@ def job_approve(*, actor: Actor, job_id: int, digest: str, comment: str = "") ->
         if digest != job.params_digest:
             raise ValidationError(_("The job's parameters changed since you reviewed them; review it again."))
         job.status = JobStatus.QUEUED
-        job.approved_by = _user(actor)
+        job.approved_by = user_of(actor)
         job.approved_at = timezone.now()
         job.approved_digest = digest
         job.decision_comment = comment
@@ -191,7 +191,7 @@ def job_refuse(*, actor: Actor, job_id: int, comment: str = "") -> Job:
     with transaction.atomic():
         job = _job_for_decision(actor=actor, job_id=job_id)
         job.status = JobStatus.REFUSED
-        job.approved_by = _user(actor)
+        job.approved_by = user_of(actor)
         job.approved_at = timezone.now()
         job.decision_comment = comment
         job.finished_at = timezone.now()

@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+from typing import Any
+
 from django import forms
+from django.http import QueryDict
 from django.utils.translation import gettext_lazy as _
 
 LOCK_CHOICES = [("all", _("All locks")), ("system", _("System locks only"))]
@@ -15,10 +18,13 @@ class ReleasePreviewForm(forms.Form):
     filter_query = forms.CharField(required=False, max_length=2000)
     locks = forms.ChoiceField(label=_("Locks"), choices=LOCK_CHOICES, initial="all", widget=forms.RadioSelect)
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         # Any positive integer is a candidate run id; the service checks each one.
-        self.fields["runs"].choices = [(v, v) for v in self.data.getlist("runs")] if self.data else []
+        runs = self.fields["runs"]
+        assert isinstance(runs, forms.TypedMultipleChoiceField)
+        values = self.data.getlist("runs") if isinstance(self.data, QueryDict) else []
+        runs.choices = [(v, v) for v in values]
 
     def clean_runs(self) -> list[int]:
         runs = self.cleaned_data["runs"]

@@ -31,7 +31,10 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from datetime import datetime, timedelta
+from itertools import groupby
+from operator import itemgetter
 from typing import Any
 
 import psycopg
@@ -64,7 +67,9 @@ from locks.selectors import (
 
 RELEASE_KIND = "lock_release"
 RESTORE_KIND = "lock_restore"
-BATCH_SIZE_ROWS = 5_000
+# Rows per batch: each batch is one short transaction holding the row locks of this many
+# locks (readers never wait on them; a platform writer of one of those rows would).
+BATCH_SIZE_ROWS = 20_000
 # A batch waits at most this long for a row lock the platform holds, then backs off.
 LOCK_TIMEOUT_MS = 2_000
 LOCK_TIMEOUT_RETRIES = 5
@@ -353,16 +358,34 @@ def release_request(
 
 # --- The delete ------------------------------------------------------------------------------
 
+# One round trip per batch: the run is locked FOR SHARE and must still be eligible (else
+# nothing is deleted), and only rows still exactly as previewed go.
 DELETE_BATCH_SQL = """
+WITH run AS (
+    SELECT b.id FROM billing.billings b
+    WHERE b.id = %(run)s
+      AND (b.status::text = ANY(%(eligible)s)
+           OR (b.status::text = 'IN_PROGRESS_ACCOUNTING'
+               AND b.modify_date < (now() AT TIME ZONE %(tz)s) - %(stale)s))
+    FOR SHARE
+)
 DELETE FROM lock.locks l
-USING unnest(%(ids)s::text[], %(keys)s::text[], %(types)s::text[], %(entity_ids)s::text[], %(system)s::bool[])
+USING run,
+      unnest(%(ids)s::text[], %(keys)s::text[], %(types)s::text[], %(entity_ids)s::text[], %(system)s::bool[])
       AS p(id, lock_key, entity_type, entity_id, system_lock)
-WHERE l.id = p.id
-  AND l.billing_id = %(run)s
+WHERE l.id = ANY(%(ids)s::text[])  -- by primary key: never a scan of the whole table
+  AND l.id = p.id
+  AND l.billing_id = run.id
   AND l.lock_key = p.lock_key AND l.entity_type = p.entity_type
   AND l.entity_id = p.entity_id AND l.system_lock = p.system_lock
 RETURNING l.id
 """
+
+
+@dataclass
+class _Progress:
+    planned: int
+    done: int  # released or found gone, over every attempt
 
 
 def lock_release_execute(ctx: JobContext) -> dict[str, Any]:
@@ -374,26 +397,37 @@ def lock_release_execute(ctx: JobContext) -> dict[str, Any]:
     if plan_digest(plan.pk) != ctx.params["plan_digest"] or plan.digest != ctx.params["plan_digest"]:
         raise JobRefused(_("The plan's rows do not match the approved preview; nothing was deleted."))
     started = time.monotonic()
-    done_before = _released_count(plan.pk)
-    ctx.progress(done_before, plan.lock_count, _("Starting"))
-    if done_before:
-        ctx.log(_("Resuming: %(n)s locks were released by an earlier attempt.") % {"n": f"{done_before:,}"})
+    released_before = _released_count(plan.pk)
+    progress = _Progress(planned=plan.lock_count, done=released_before + _gone_count(plan.pk))
+    ctx.progress(progress.done, plan.lock_count, _("Starting"))
+    if released_before:
+        ctx.log(
+            _("Resuming: %(n)s locks were released by an earlier attempt.") % {"n": f"{released_before:,}"}
+        )
     with environment_connect(env, autocommit=True) as conn:
+        labels = billing_status_labels(conn.cursor())
         for run_id in ctx.params["runs"]:
-            _release_run(ctx, conn, env, plan, int(run_id))
+            _release_run(ctx, conn, env, plan, int(run_id), labels, progress)
     result = release_result(plan)
     result["duration_s"] = round(time.monotonic() - started, 2)
     return result
 
 
 def _release_run(
-    ctx: JobContext, conn: psycopg.Connection[Any], env: Environment, plan: LockReleasePlan, run_id: int
+    ctx: JobContext,
+    conn: psycopg.Connection[Any],
+    env: Environment,
+    plan: LockReleasePlan,
+    run_id: int,
+    labels: list[str],
+    progress: _Progress,
 ) -> None:
-    batches = list(
-        LockReleaseBatch.objects.filter(plan=plan, billing_id=run_id)
-        .exclude(status__in=[ReleaseBatchStatus.DONE, ReleaseBatchStatus.SKIPPED])
-        .order_by("batch_no")
-    )
+    batches = {
+        b.batch_no: b
+        for b in LockReleaseBatch.objects.filter(plan=plan, billing_id=run_id).exclude(
+            status__in=[ReleaseBatchStatus.DONE, ReleaseBatchStatus.SKIPPED]
+        )
+    }
     if not batches:
         return
     got = conn.execute("SELECT pg_try_advisory_lock(%s, %s)", [ADVISORY_NAMESPACE, run_id]).fetchone()
@@ -402,19 +436,24 @@ def _release_run(
             _("Another process is releasing the locks of run %(run)s right now; try again when it is done.")
             % {"run": run_id}
         )
+    # The run's remaining rows, streamed from the plan in batch order (a server-side cursor).
+    rows = (
+        LockReleaseItem.objects.filter(plan=plan, billing_id=run_id, batch_no__in=list(batches))
+        .order_by("batch_no", "lock_id")
+        .values_list("batch_no", "lock_id", "lock_key", "entity_type", "entity_id", "system_lock")
+        .iterator(chunk_size=BATCH_SIZE_ROWS)
+    )
     try:
-        labels = billing_status_labels(conn.cursor())
-        for batch in batches:
+        for batch_no, items in groupby(rows, key=itemgetter(0)):
             ctx.check_cancel()
             try:
-                _release_batch(ctx, conn, env, plan, batch, labels)
+                _release_batch(ctx, conn, env, batches[batch_no], [i[1:] for i in items], labels, progress)
             except NoLongerEligible as exc:
-                remaining = LockReleaseBatch.objects.filter(
+                LockReleaseBatch.objects.filter(
                     plan=plan,
                     billing_id=run_id,
                     status__in=[ReleaseBatchStatus.PENDING, ReleaseBatchStatus.DELETING],
-                )
-                remaining.update(status=ReleaseBatchStatus.SKIPPED, note=str(exc), done_at=timezone.now())
+                ).update(status=ReleaseBatchStatus.SKIPPED, note=str(exc), done_at=timezone.now())
                 ctx.log(
                     _("Run %(run)s: stopped, %(reason)s.") % {"run": run_id, "reason": exc}, level="warning"
                 )
@@ -427,46 +466,41 @@ def _release_batch(
     ctx: JobContext,
     conn: psycopg.Connection[Any],
     env: Environment,
-    plan: LockReleasePlan,
     batch: LockReleaseBatch,
+    items: list[tuple[str, str, str, str, bool]],
     labels: list[str],
+    progress: _Progress,
 ) -> None:
-    items = list(
-        LockReleaseItem.objects.filter(
-            plan=plan, billing_id=batch.billing_id, batch_no=batch.batch_no
-        ).values_list("lock_id", "lock_key", "entity_type", "entity_id", "system_lock")
-    )
     resuming = batch.status == ReleaseBatchStatus.DELETING
     LockReleaseBatch.objects.filter(pk=batch.pk).update(status=ReleaseBatchStatus.DELETING)
     params = {
+        "run": batch.billing_id,
+        "eligible": [COMPLETED, *error_path_statuses(labels)],
+        "tz": env.time_zone,
+        "stale": timedelta(minutes=settings.STALE_RUN_AFTER_MIN),
         "ids": [i[0] for i in items],
         "keys": [i[1] for i in items],
         "types": [i[2] for i in items],
         "entity_ids": [i[3] for i in items],
         "system": [i[4] for i in items],
-        "run": batch.billing_id,
     }
     for attempt in range(LOCK_TIMEOUT_RETRIES + 1):
         try:
             with conn.transaction():
                 conn.execute(f"SET LOCAL lock_timeout = {LOCK_TIMEOUT_MS:d}")
-                row = conn.execute(
-                    "SELECT status::text, modify_date FROM billing.billings WHERE id = %s FOR SHARE",
-                    [batch.billing_id],
-                ).fetchone()
-                if row is None:
-                    raise NoLongerEligible(_("the billing run no longer exists"))
-                reason = ineligibility_reason(env, status=row[0], modify_date=row[1], labels=labels)
-                if reason:
-                    raise NoLongerEligible(reason)
+                # Estimating a join against an unnest() blind, the planner would rather read
+                # all of lock.locks than look up one batch's ids; the batch is small.
+                conn.execute("SET LOCAL enable_seqscan = off")
                 deleted = {r[0] for r in conn.execute(DELETE_BATCH_SQL, params).fetchall()}
-                # Planned rows still there after the delete changed since the preview.
-                still_there = {
-                    r[0]
-                    for r in conn.execute(
-                        "SELECT id FROM lock.locks WHERE id = ANY(%s)", [params["ids"]]
-                    ).fetchall()
-                }
+                still_there: set[str] = set()
+                if len(deleted) < len(items):  # the rare case: find out why, in the same snapshot
+                    _check_still_eligible(conn, env, batch.billing_id, labels)
+                    still_there = {
+                        r[0]
+                        for r in conn.execute(
+                            "SELECT id FROM lock.locks WHERE id = ANY(%s)", [params["ids"]]
+                        ).fetchall()
+                    }
             break
         except psycopg.errors.LockNotAvailable:
             if attempt == LOCK_TIMEOUT_RETRIES:
@@ -501,11 +535,25 @@ def _release_batch(
             % {"run": batch.billing_id, "n": batch.batch_no + 1, "g": len(gone)},
             level="warning",
         )
+    progress.done += len(items)
     ctx.progress(
-        _released_count(plan.pk) + _gone_count(plan.pk),
-        plan.lock_count,
+        progress.done,
+        progress.planned,
         _("Run %(run)s: batch %(n)s done") % {"run": batch.billing_id, "n": batch.batch_no + 1},
     )
+
+
+def _check_still_eligible(
+    conn: psycopg.Connection[Any], env: Environment, run_id: int, labels: list[str]
+) -> None:
+    row = conn.execute(
+        "SELECT status::text, modify_date FROM billing.billings WHERE id = %s", [run_id]
+    ).fetchone()
+    if row is None:
+        raise NoLongerEligible(_("the billing run no longer exists"))
+    reason = ineligibility_reason(env, status=row[0], modify_date=row[1], labels=labels)
+    if reason:
+        raise NoLongerEligible(reason)
 
 
 def _released_count(plan_id: int) -> int:

@@ -28,7 +28,7 @@ from django_celery_beat.models import CrontabSchedule, PeriodicTask
 from billing_ops import access
 from billing_ops.environments import Environment, all_environments
 from billing_ops.models import JobClaim
-from billing_ops.services import Actor, JobConflict
+from billing_ops.services import Actor, JobConflict, user_of
 from locks.models import CleanupPolicy
 from locks.release import (
     eligible_run_ids,
@@ -96,7 +96,7 @@ def cleanup_policy_set(*, actor: Actor, env: Environment, enabled: bool, system_
         defaults={
             "enabled": enabled,
             "system_only": system_only,
-            "updated_by": actor,
+            "updated_by": user_of(actor),
             "updated_at": timezone.now(),
         },
     )

@@ -14,11 +14,13 @@ import django
 def main() -> int:
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "billing_ops.settings")
     django.setup()
-    from tests.bench import bench_locks
+    from tests.bench import bench_locks, bench_release
 
-    names = sys.argv[1:] or ["locks"]
+    names = sys.argv[1:] or ["locks", "release"]
     if "locks" in names:
         bench_locks.main()
+    if "release" in names:
+        bench_release.main()
     return 0
 
 
