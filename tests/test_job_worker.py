@@ -140,8 +140,10 @@ def test_a_release_whose_worker_is_killed_resumes_with_correct_totals(
     try:
         job = release.release_request(actor=operator, plan_id=plan.pk, digest=plan.digest)
         wait_for(
-            lambda: LockReleaseBatch.objects.filter(plan=plan, status="done").count() == 1
-            and LockReleaseBatch.objects.filter(plan=plan, status="deleting").exists(),
+            lambda: (
+                LockReleaseBatch.objects.filter(plan=plan, status="done").count() == 1
+                and LockReleaseBatch.objects.filter(plan=plan, status="deleting").exists()
+            ),
             what="batch 1 done and batch 2 started",
         )
         celery_worker.kill()

@@ -33,13 +33,19 @@ MATRIX: dict[str, tuple[str, dict[str, Any]]] = {
     "report_download": ("GET", READ_ONLY),
     "alert_list": ("GET", READ_ONLY),
     "cleanup_schedule": ("GET", READ_ONLY),
-    "release_preview": ("POST", {"anonymous": "login", "nobody": 403, "viewer": 403, "operator": 302,
-                                 "approver": 403}),
+    "release_preview": (
+        "POST",
+        {"anonymous": "login", "nobody": 403, "viewer": 403, "operator": 302, "approver": 403},
+    ),
     "release_plan": ("GET", {**READ_ONLY, "viewer": 404, "operator": 404, "approver": 404}),
-    "release_confirm": ("POST", {"anonymous": "login", "nobody": 403, "viewer": 403, "operator": 404,
-                                 "approver": 403}),
-    "release_restore": ("POST", {"anonymous": "login", "nobody": 403, "viewer": 403, "operator": 403,
-                                 "approver": 404}),
+    "release_confirm": (
+        "POST",
+        {"anonymous": "login", "nobody": 403, "viewer": 403, "operator": 404, "approver": 403},
+    ),
+    "release_restore": (
+        "POST",
+        {"anonymous": "login", "nobody": 403, "viewer": 403, "operator": 403, "approver": 404},
+    ),
     "alert_acknowledge": (
         "POST",
         {"anonymous": "login", "nobody": 403, "viewer": 403, "operator": 404, "approver": 404},
