@@ -43,6 +43,7 @@ class AuditAction(models.TextChoices):
     LOCKS_RELEASED = "locks.released", _("Locks released")
     LOCKS_RESTORED = "locks.restored", _("Locks restored")
     SCHEDULE_CHANGED = "schedule.changed", _("Schedule changed")
+    ALERT_ACKNOWLEDGED = "alert.acknowledged", _("Alert acknowledged")
     LOGIN_FAILED = "auth.login_failed", _("Login failed")
 
 

@@ -69,3 +69,18 @@ def get_environment_for_user(user: Any, key: str) -> Environment:
         return get_environment(key)
     except UnknownEnvironment:
         raise Http404("No such environment.") from None
+
+
+def record_login_failure(
+    sender: Any, credentials: dict[str, Any], request: Any = None, **kwargs: Any
+) -> None:
+    """A failed login goes into the audit trail: who was tried, and from where."""
+    from audit.services import ANONYMOUS_ACTOR, audit_record
+
+    remote = request.META.get("REMOTE_ADDR", "") if request is not None else ""
+    # Django has already replaced the password in `credentials`; keep only the name.
+    audit_record(
+        actor=ANONYMOUS_ACTOR,
+        action="auth.login_failed",
+        params={"username": str(credentials.get("username", ""))[:150], "remote_addr": remote},
+    )

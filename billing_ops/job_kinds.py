@@ -97,6 +97,7 @@ LOCK_RESTORE = register(
         label=_("Restore released locks"),
         handler="locks.release.lock_restore_execute",
         resumable=True,
+        on_settled="locks.release.restore_settled",
         worker_lost_note=_("The restore is one transaction: nothing was restored; it is safe to run again."),
     )
 )

@@ -35,6 +35,7 @@ from django.utils import timezone
 from django.utils.module_loading import import_string
 from django.utils.translation import gettext as _
 
+from audit.services import SYSTEM_SWEEPER, SYSTEM_WORKER, audit_record
 from billing_ops import access
 from billing_ops.environments import Environment, get_environment
 from billing_ops.job_kinds import REGISTRY, JobKind, get_kind
@@ -115,6 +116,15 @@ def job_request(
         )
         _claims_take(job, claims)
         job_log(job.pk, _("Requested by %(user)s.") % {"user": actor.get_username()})
+        audit_record(
+            actor=actor,
+            action="job.requested",
+            environment=env.key,
+            object_type="job",
+            object_id=job.pk,
+            params={"kind": kind, "params": params, "digest": digest},
+            outcome={"status": status},
+        )
         if status == JobStatus.QUEUED:
             transaction.on_commit(lambda: job_dispatch(job_id=job.pk))
         else:
@@ -183,6 +193,15 @@ def job_approve(*, actor: Actor, job_id: int, digest: str, comment: str = "") ->
             job.pk,
             _("Approved by %(user)s.") % {"user": actor.get_username()} + (f" {comment}" if comment else ""),
         )
+        audit_record(
+            actor=actor,
+            action="job.approved",
+            environment=job.environment,
+            object_type="job",
+            object_id=job.pk,
+            params={"kind": job.kind, "digest": digest, "comment": comment},
+            outcome={"status": job.status},
+        )
         transaction.on_commit(lambda: job_dispatch(job_id=job.pk))
     return job
 
@@ -197,6 +216,15 @@ def job_refuse(*, actor: Actor, job_id: int, comment: str = "") -> Job:
         job.finished_at = timezone.now()
         job.save(update_fields=["status", "approved_by", "approved_at", "decision_comment", "finished_at"])
         _claims_release(job.pk)
+        audit_record(
+            actor=actor,
+            action="job.refused",
+            environment=job.environment,
+            object_type="job",
+            object_id=job.pk,
+            params={"kind": job.kind, "comment": comment},
+            outcome={"status": job.status},
+        )
         job_log(
             job.pk,
             _("Refused by %(user)s.") % {"user": actor.get_username()} + (f" {comment}" if comment else ""),
@@ -227,6 +255,15 @@ def job_cancel(*, actor: Actor, job_id: int) -> Job:
             )
         else:
             raise ValidationError(_("Job #%(id)s has already finished.") % {"id": job.pk})
+        audit_record(
+            actor=actor,
+            action="job.cancelled",
+            environment=job.environment,
+            object_type="job",
+            object_id=job.pk,
+            params={"kind": job.kind},
+            outcome={"status": job.status, "cancel_requested": job.cancel_requested},
+        )
     return job
 
 
@@ -288,7 +325,7 @@ def jobs_sweep() -> SweepReport:
             if claimed:
                 job_log(job.pk, lost + " " + str(kind.worker_lost_note), level="error")
                 report.failed.append(job.pk)
-                _job_settled(job.pk)
+                _job_settled(job.pk, actor=SYSTEM_SWEEPER)
 
     redispatch_before = now - timedelta(seconds=settings.JOB_REDISPATCH_AFTER_S)
     pending = (
@@ -430,11 +467,21 @@ def job_execute(*, job_id: int, worker: str | None = None) -> str:
     return str(outcome["status"])
 
 
-def _job_settled(job_id: int) -> None:
-    """After a job reached its final state: free its claims, then let its kind react
-    (notifications, audit). A failing hook is logged, never undoes the outcome."""
+def _job_settled(job_id: int, *, actor: str = SYSTEM_WORKER) -> None:
+    """After a job reached its final state: free its claims, record the outcome in the
+    audit trail, then let its kind react (notifications, its own records). A failing hook
+    is logged, never undoes the outcome."""
     _claims_release(job_id)
     job = Job.objects.get(pk=job_id)
+    audit_record(
+        actor=actor,
+        action="job.finished",
+        environment=job.environment,
+        object_type="job",
+        object_id=job.pk,
+        params={"kind": job.kind, "worker": job.worker, "attempts": job.attempts},
+        outcome={"status": job.status, "error": job.error[:2000], "result": job.result or {}},
+    )
     kind = REGISTRY.get(job.kind)
     if kind is None or not kind.on_settled:
         return

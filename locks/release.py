@@ -603,8 +603,35 @@ def release_result(plan: LockReleasePlan) -> dict[str, Any]:
     }
 
 
+RELEASED_ROWS_SQL = """
+    SELECT i.lock_id, i.lock_key, i.entity_type, i.entity_id, i.billing_id, i.system_lock, i.create_date
+    FROM locks_lockreleaseitem i
+    JOIN locks_lockreleasebatch b
+      ON b.plan_id = i.plan_id AND b.billing_id = i.billing_id AND b.batch_no = i.batch_no
+    WHERE i.plan_id = %s AND b.status = 'done' AND NOT (b.gone_ids ? i.lock_id)
+"""
+
+
+def released_rows_digest(plan_id: int) -> str:
+    """sha256 over the rows a plan's job actually deleted (what a restore puts back)."""
+    with connections["default"].cursor() as cursor:
+        cursor.execute(
+            f"""
+            SELECT encode(sha256(convert_to(coalesce(string_agg(
+                concat_ws(E'\\t', billing_id, lock_id, lock_key, entity_type, entity_id, system_lock),
+                E'\\n' ORDER BY billing_id, lock_id COLLATE "C"), ''), 'UTF8')), 'hex')
+            FROM ({RELEASED_ROWS_SQL}) released
+            """,
+            [plan_id],
+        )
+        return str(cursor.fetchone()[0])
+
+
 def release_settled(job: Job) -> None:
-    """After a release job settled (any outcome): tell the configured channels."""
+    """After a release job settled (any outcome): record what went in the audit trail (the
+    rows themselves stay in the plan, restorable, under the digest recorded here) and tell
+    the configured channels."""
+    from audit.services import SYSTEM_WORKER, audit_record
     from billing_ops.notifications import notify
 
     env = get_environment(job.environment)
@@ -628,7 +655,50 @@ def release_settled(job: Job) -> None:
     ]
     if job.error:
         lines.append(_("Error: %(error)s") % {"error": job.error})
+    if plan is not None:
+        audit_record(
+            actor=SYSTEM_WORKER,
+            action="locks.released",
+            environment=env.key,
+            object_type="job",
+            object_id=job.pk,
+            params={
+                "plan_id": plan.pk,
+                "plan_digest": plan.digest,
+                "runs": job.params.get("runs", []),
+                "system_only": plan.system_only,
+                "scheduled": plan.scheduled,
+                "requested_by": who,
+                "approved_by": approver,
+            },
+            outcome={
+                "status": job.status,
+                "released": result.get("released", 0),
+                "gone": result.get("gone", 0),
+                "by_entity_type": result.get("by_entity_type", {}),
+                "released_rows_digest": released_rows_digest(plan.pk),
+            },
+        )
     notify(subject=subject, body="\n".join(lines), source=f"job:{job.pk}")
+
+
+def restore_settled(job: Job) -> None:
+    """After a restore settled: record it in the audit trail."""
+    from audit.services import SYSTEM_WORKER, audit_record
+
+    audit_record(
+        actor=SYSTEM_WORKER,
+        action="locks.restored",
+        environment=job.environment,
+        object_type="job",
+        object_id=job.pk,
+        params={
+            "plan_id": job.params.get("plan_id"),
+            "release_job_id": job.params.get("release_job_id"),
+            "requested_by": job.requested_by.get_username() if job.requested_by else "",
+        },
+        outcome={"status": job.status, **(job.result or {})},
+    )
 
 
 # --- Restore ---------------------------------------------------------------------------------
@@ -672,16 +742,9 @@ def lock_restore_execute(ctx: JobContext) -> dict[str, Any]:
     if plan_digest(plan.pk) != ctx.params["plan_digest"]:
         raise JobRefused(_("The recorded lock rows changed since the release; refusing to restore them."))
     columns = "id, lock_key, entity_type, entity_id, billing_id, system_lock"
-    released_sql = f"""
-        COPY (
-            SELECT i.lock_id, i.lock_key, i.entity_type, i.entity_id, i.billing_id, i.system_lock,
-                   i.create_date
-            FROM locks_lockreleaseitem i
-            JOIN locks_lockreleasebatch b
-              ON b.plan_id = i.plan_id AND b.billing_id = i.billing_id AND b.batch_no = i.batch_no
-            WHERE i.plan_id = {int(plan.pk)} AND b.status = 'done' AND NOT (b.gone_ids ? i.lock_id)
-        ) TO STDOUT
-    """
+    released_sql = sql.SQL("COPY ({rows}) TO STDOUT").format(
+        rows=sql.SQL(RELEASED_ROWS_SQL.replace("%s", "{plan}")).format(plan=sql.Literal(plan.pk))
+    )
     ctx.progress(0, ctx.params["released"], _("Restoring"))
     with environment_connect(env) as conn:  # one transaction: all rows back, or none
         conn.execute("SET TimeZone = 'UTC'")

@@ -25,6 +25,7 @@ from django.utils import timezone
 from django.utils.translation import gettext as _
 from django_celery_beat.models import CrontabSchedule, PeriodicTask
 
+from audit.services import audit_record
 from billing_ops import access
 from billing_ops.environments import Environment, all_environments
 from billing_ops.models import JobClaim
@@ -91,6 +92,25 @@ def cleanup_policies() -> list[Policy]:
 
 def cleanup_policy_set(*, actor: Actor, env: Environment, enabled: bool, system_only: bool) -> CleanupPolicy:
     access.require_approver(actor)
+    before = next((p for p in cleanup_policies() if p.env.key == env.key), None)
+    if before is not None and (before.enabled, before.system_only) == (enabled, system_only):
+        return CleanupPolicy.objects.filter(environment=env.key).first() or CleanupPolicy(
+            environment=env.key, enabled=enabled, system_only=system_only
+        )
+    audit_record(
+        actor=actor,
+        action="schedule.changed",
+        environment=env.key,
+        object_type="cleanup_policy",
+        object_id=env.key,
+        params={"enabled": enabled, "system_only": system_only},
+        outcome={
+            "before": {
+                "enabled": before.enabled if before else None,
+                "system_only": before.system_only if before else None,
+            }
+        },
+    )
     policy, _created = CleanupPolicy.objects.update_or_create(
         environment=env.key,
         defaults={
@@ -142,9 +162,30 @@ def cleanup_schedule_set(
             month_of_year="*",
             timezone=time_zone,
         )
+        before = {
+            "minute": task.crontab.minute,
+            "hour": task.crontab.hour,
+            "day_of_week": task.crontab.day_of_week,
+            "time_zone": str(task.crontab.timezone),
+            "enabled": task.enabled,
+        }
         task.crontab = schedule
         task.enabled = enabled
         task.save(update_fields=["crontab", "enabled"])  # PeriodicTask.save bumps beat's change marker
+        audit_record(
+            actor=actor,
+            action="schedule.changed",
+            object_type="schedule",
+            object_id=SCHEDULE_NAME,
+            params={
+                "minute": minute,
+                "hour": hour,
+                "day_of_week": day_of_week,
+                "time_zone": time_zone,
+                "enabled": enabled,
+            },
+            outcome={"before": before},
+        )
     return task
 
 

@@ -32,6 +32,7 @@ from django.db import connection, transaction
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
+from audit.services import audit_record
 from billing_ops import access
 from billing_ops.environments import Environment, UnknownEnvironment, all_environments, get_environment
 from billing_ops.notifications import notify
@@ -419,5 +420,14 @@ def alert_acknowledge(*, actor: Actor, alert_id: int) -> Alert:
         alert.acknowledged_by = actor
         alert.acknowledged_at = timezone.now()
         alert.save(update_fields=["status", "acknowledged_by", "acknowledged_at"])
+        audit_record(
+            actor=actor,
+            action="alert.acknowledged",
+            environment=alert.environment,
+            object_type="alert",
+            object_id=alert.pk,
+            params={"kind": alert.kind, "severity": alert.severity},
+            outcome={"summary": alert.summary},
+        )
     logger.info("alert %s acknowledged by %s", alert.pk, actor.get_username())
     return alert

@@ -311,3 +311,13 @@ def blackhole_port() -> Iterator[int]:
     sock.listen(64)
     yield int(sock.getsockname()[1])
     sock.close()
+
+
+@pytest.fixture
+def inline_jobs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """For tests that run jobs in this process (services.job_execute): the broker is
+    unreachable for them, as when Redis is down, so no worker of this session can take the
+    job first; the jobs stay queued, undispatched, until the test runs them."""
+    from billing_ops.celery import app as celery_app
+
+    monkeypatch.setitem(celery_app.conf, "CELERY_BROKER_URL", f"redis://127.0.0.1:{free_port_for_tests()}/0")

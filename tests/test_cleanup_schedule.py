@@ -13,7 +13,10 @@ from locks import schedule
 from locks.models import CleanupPolicy
 from tests.factories import make_locks, make_run
 
-pytestmark = pytest.mark.django_db(databases="__all__", transaction=True)
+pytestmark = [
+    pytest.mark.django_db(databases="__all__", transaction=True),
+    pytest.mark.usefixtures("inline_jobs"),
+]
 
 
 def remaining_locks(env) -> int:

@@ -791,3 +791,46 @@ def test_an_environments_damage_is_found_by_linkage_and_by_our_hashes(
     out, error = run_command("--env", unprotected_env.key)
     assert error is not None and error.returncode == 1
     assert f"entry #{ids[5]}: content changed" in out
+
+
+@pytest.mark.django_db(databases="__all__", transaction=True)
+def test_every_operator_action_lands_in_the_trail_and_it_verifies(
+    unprotected_env: Environment, clean_environments: None, inline_jobs: None, client: Any
+) -> None:
+    from billing_ops import services
+    from locks import release, schedule
+    from tests.factories import make_locks, make_run
+
+    operator = make_user("operator1", "Operator")
+    approver = make_user("approver1", "Approver")
+    make_run(unprotected_env, 1)
+    make_locks(unprotected_env, 1, 5)
+    plan = release.release_plan_prepare(actor=operator, env=unprotected_env, run_ids=[1], system_only=False)
+    job = release.release_request(actor=operator, plan_id=plan.pk, digest=plan.digest)
+    services.job_execute(job_id=job.pk, worker="test")
+    restore = release.restore_request(actor=approver, release_job_id=job.pk)
+    services.job_execute(job_id=restore.pk, worker="test")
+    check = services.job_request(actor=operator, kind="environment_check", environment=unprotected_env.key)
+    services.job_cancel(actor=operator, job_id=check.pk)
+    schedule.cleanup_schedule_set(
+        actor=approver, minute="15", hour="3", day_of_week="*", time_zone="UTC", enabled=True
+    )
+    client.post("/login/", {"username": "operator1", "password": "wrong"})
+
+    actions = list(AuditEntry.objects.order_by("created_at").values_list("action", flat=True))
+    for expected in (
+        "job.requested",
+        "job.finished",
+        "locks.released",
+        "locks.restored",
+        "job.cancelled",
+        "schedule.changed",
+        "auth.login_failed",
+    ):
+        assert expected in actions, expected
+    released = AuditEntry.objects.get(action="locks.released")
+    assert released.outcome["released"] == "5" and released.params["plan_id"] == str(plan.pk)
+    assert released.outcome["released_rows_digest"] == release.released_rows_digest(plan.pk)
+    failed = AuditEntry.objects.get(action="auth.login_failed")
+    assert failed.params["username"] == "operator1" and "wrong" not in json.dumps(failed.params)
+    assert dashboard_chain_verify().intact

@@ -19,7 +19,10 @@ from tests.conftest import make_user
 from tests.factories import make_locks, make_run
 
 # The preview reads the environment on a connection of its own: data must be committed.
-pytestmark = pytest.mark.django_db(databases="__all__", transaction=True)
+pytestmark = [
+    pytest.mark.django_db(databases="__all__", transaction=True),
+    pytest.mark.usefixtures("inline_jobs"),
+]
 
 
 def lock_ids(env, where: str = "TRUE") -> set[str]:

@@ -11,7 +11,10 @@ from locks.models import LockReleasePlan
 from tests.conftest import make_user
 from tests.factories import make_locks, make_run
 
-pytestmark = pytest.mark.django_db(databases="__all__", transaction=True)
+pytestmark = [
+    pytest.mark.django_db(databases="__all__", transaction=True),
+    pytest.mark.usefixtures("inline_jobs"),
+]
 
 
 @pytest.fixture
