@@ -29,12 +29,11 @@ that an ops team can trust it with production:
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from itertools import groupby
-from operator import itemgetter
 from typing import Any
 
 import psycopg
@@ -51,7 +50,6 @@ from billing_ops.models import Job, JobStatus
 from billing_ops.services import Actor, JobContext, JobRefused, job_request
 from locks.models import (
     LockReleaseBatch,
-    LockReleaseItem,
     LockReleasePlan,
     ReleaseBatchStatus,
     ReleasePlanStatus,
@@ -74,6 +72,7 @@ BATCH_SIZE_ROWS = 20_000
 LOCK_TIMEOUT_MS = 2_000
 LOCK_TIMEOUT_RETRIES = 5
 LOCK_TIMEOUT_BACKOFF_S = 1.0
+COPY_CHUNK_BYTES = 1 << 20
 # Session advisory locks (namespace, run id): one releaser per run, across processes.
 ADVISORY_NAMESPACE = 0x626F726C  # "borl"
 # A preview nobody requested is only a draft; the plans page hides older ones.
@@ -257,19 +256,25 @@ def _copy_locks_into_plan(
                 dst.write(data)
 
 
+# The plan's rows in a fixed order, as COPY text: hashed for the digest, and streamed into
+# the environment by the job, which checks the digest on the very bytes it loads.
+PLAN_ROWS_COPY = (
+    "COPY (SELECT billing_id, batch_no, lock_id, lock_key, entity_type, entity_id, system_lock "
+    'FROM locks_lockreleaseitem WHERE plan_id = {plan} ORDER BY billing_id, lock_id COLLATE "C") TO STDOUT'
+)
+
+
 def plan_digest(plan_id: int) -> str:
     """sha256 over the plan's rows in a fixed order: what an approval refers to."""
-    with connections["default"].cursor() as cursor:
-        cursor.execute(
-            """
-            SELECT encode(sha256(convert_to(coalesce(string_agg(
-                concat_ws(E'\\t', billing_id, lock_id, lock_key, entity_type, entity_id, system_lock),
-                E'\\n' ORDER BY billing_id, lock_id COLLATE "C"), ''), 'UTF8')), 'hex')
-            FROM locks_lockreleaseitem WHERE plan_id = %s
-            """,
-            [plan_id],
-        )
-        return str(cursor.fetchone()[0])
+    return _copy_digest(PLAN_ROWS_COPY.format(plan=int(plan_id)))
+
+
+def _copy_digest(copy_sql: str) -> str:
+    digest = hashlib.sha256()
+    with connections["default"].cursor() as cursor, cursor.cursor.copy(copy_sql) as rows:
+        for data in rows:
+            digest.update(data)
+    return digest.hexdigest()
 
 
 def _summary(
@@ -359,7 +364,8 @@ def release_request(
 # --- The delete ------------------------------------------------------------------------------
 
 # One round trip per batch: the run is locked FOR SHARE and must still be eligible (else
-# nothing is deleted), and only rows still exactly as previewed go.
+# nothing is deleted), and only rows still exactly as previewed go. The batch's rows come
+# from release_rows, a temporary table the job loads once from the plan.
 DELETE_BATCH_SQL = """
 WITH run AS (
     SELECT b.id FROM billing.billings b
@@ -370,15 +376,20 @@ WITH run AS (
     FOR SHARE
 )
 DELETE FROM lock.locks l
-USING run,
-      unnest(%(ids)s::text[], %(keys)s::text[], %(types)s::text[], %(entity_ids)s::text[], %(system)s::bool[])
-      AS p(id, lock_key, entity_type, entity_id, system_lock)
-WHERE l.id = ANY(%(ids)s::text[])  -- by primary key: never a scan of the whole table
+USING run, release_rows p
+WHERE p.billing_id = %(run)s AND p.batch_no = %(batch)s
   AND l.id = p.id
   AND l.billing_id = run.id
   AND l.lock_key = p.lock_key AND l.entity_type = p.entity_type
   AND l.entity_id = p.entity_id AND l.system_lock = p.system_lock
-RETURNING l.id
+RETURNING l.id, l.entity_type
+"""
+
+# Planned rows of a batch that were not deleted, and whether each is still there (changed).
+NOT_DELETED_SQL = """
+SELECT p.id, EXISTS (SELECT 1 FROM lock.locks l WHERE l.id = p.id)
+FROM release_rows p
+WHERE p.billing_id = %(run)s AND p.batch_no = %(batch)s AND NOT (p.id = ANY(%(deleted)s))
 """
 
 
@@ -386,6 +397,8 @@ RETURNING l.id
 class _Progress:
     planned: int
     done: int  # released or found gone, over every attempt
+    by_run: dict[str, dict[str, Any]]
+    by_type: dict[str, int]
 
 
 def lock_release_execute(ctx: JobContext) -> dict[str, Any]:
@@ -394,23 +407,68 @@ def lock_release_execute(ctx: JobContext) -> dict[str, Any]:
     env = ctx.env
     assert env is not None
     plan = LockReleasePlan.objects.get(pk=ctx.params["plan_id"])
-    if plan_digest(plan.pk) != ctx.params["plan_digest"] or plan.digest != ctx.params["plan_digest"]:
-        raise JobRefused(_("The plan's rows do not match the approved preview; nothing was deleted."))
     started = time.monotonic()
     released_before = _released_count(plan.pk)
-    progress = _Progress(planned=plan.lock_count, done=released_before + _gone_count(plan.pk))
-    ctx.progress(progress.done, plan.lock_count, _("Starting"))
+    progress = _Progress(
+        planned=plan.lock_count,
+        done=released_before + _gone_count(plan.pk),
+        by_run={},
+        by_type=defaultdict(int),
+    )
+    ctx.progress(progress.done, plan.lock_count, _("Loading the plan"))
     if released_before:
         ctx.log(
             _("Resuming: %(n)s locks were released by an earlier attempt.") % {"n": f"{released_before:,}"}
         )
     with environment_connect(env, autocommit=True) as conn:
+        _load_plan(conn, plan, expected_digest=ctx.params["plan_digest"])
         labels = billing_status_labels(conn.cursor())
         for run_id in ctx.params["runs"]:
             _release_run(ctx, conn, env, plan, int(run_id), labels, progress)
-    result = release_result(plan)
+    if released_before:  # counts of earlier attempts come from the records
+        result = release_result(plan)
+    else:
+        result = {
+            "plan_id": plan.pk,
+            "planned": plan.lock_count,
+            "released": sum(progress.by_type.values()),
+            "gone": _gone_count(plan.pk),
+            "runs": progress.by_run,
+            "skipped_runs": _skipped_runs(plan),
+            "by_entity_type": dict(sorted(progress.by_type.items())),
+        }
     result["duration_s"] = round(time.monotonic() - started, 2)
     return result
+
+
+def _load_plan(conn: psycopg.Connection[Any], plan: LockReleasePlan, *, expected_digest: str) -> None:
+    """Copy the plan's rows into a temporary table of this session, hashing them on the
+    way: a plan altered since its approval is refused before anything is deleted."""
+    conn.execute(
+        "CREATE TEMP TABLE IF NOT EXISTS release_rows (billing_id bigint, batch_no int, id text, "
+        "lock_key text, entity_type text, entity_id text, system_lock boolean)"
+    )
+    conn.execute("TRUNCATE release_rows")
+    digest = hashlib.sha256()
+    buffer = bytearray()
+    with (
+        connections["default"].cursor() as cursor,
+        cursor.cursor.copy(PLAN_ROWS_COPY.format(plan=int(plan.pk))) as rows,
+        conn.cursor().copy("COPY release_rows FROM STDIN") as target,
+    ):
+        for data in rows:  # one row at a time from libpq; sent on in larger pieces
+            buffer += data
+            if len(buffer) >= COPY_CHUNK_BYTES:
+                digest.update(buffer)
+                target.write(buffer)
+                buffer.clear()
+        digest.update(buffer)
+        target.write(buffer)
+    if digest.hexdigest() != expected_digest or plan.digest != expected_digest:
+        conn.execute("TRUNCATE release_rows")
+        raise JobRefused(_("The plan's rows do not match the approved preview; nothing was deleted."))
+    conn.execute("CREATE INDEX IF NOT EXISTS release_rows_batch ON release_rows (billing_id, batch_no)")
+    conn.execute("ANALYZE release_rows")
 
 
 def _release_run(
@@ -422,12 +480,11 @@ def _release_run(
     labels: list[str],
     progress: _Progress,
 ) -> None:
-    batches = {
-        b.batch_no: b
-        for b in LockReleaseBatch.objects.filter(plan=plan, billing_id=run_id).exclude(
-            status__in=[ReleaseBatchStatus.DONE, ReleaseBatchStatus.SKIPPED]
-        )
-    }
+    batches = list(
+        LockReleaseBatch.objects.filter(plan=plan, billing_id=run_id)
+        .exclude(status__in=[ReleaseBatchStatus.DONE, ReleaseBatchStatus.SKIPPED])
+        .order_by("batch_no")
+    )
     if not batches:
         return
     got = conn.execute("SELECT pg_try_advisory_lock(%s, %s)", [ADVISORY_NAMESPACE, run_id]).fetchone()
@@ -436,18 +493,11 @@ def _release_run(
             _("Another process is releasing the locks of run %(run)s right now; try again when it is done.")
             % {"run": run_id}
         )
-    # The run's remaining rows, streamed from the plan in batch order (a server-side cursor).
-    rows = (
-        LockReleaseItem.objects.filter(plan=plan, billing_id=run_id, batch_no__in=list(batches))
-        .order_by("batch_no", "lock_id")
-        .values_list("batch_no", "lock_id", "lock_key", "entity_type", "entity_id", "system_lock")
-        .iterator(chunk_size=BATCH_SIZE_ROWS)
-    )
     try:
-        for batch_no, items in groupby(rows, key=itemgetter(0)):
+        for batch in batches:
             ctx.check_cancel()
             try:
-                _release_batch(ctx, conn, env, batches[batch_no], [i[1:] for i in items], labels, progress)
+                _release_batch(ctx, conn, env, batch, labels, progress)
             except NoLongerEligible as exc:
                 LockReleaseBatch.objects.filter(
                     plan=plan,
@@ -467,7 +517,6 @@ def _release_batch(
     conn: psycopg.Connection[Any],
     env: Environment,
     batch: LockReleaseBatch,
-    items: list[tuple[str, str, str, str, bool]],
     labels: list[str],
     progress: _Progress,
 ) -> None:
@@ -475,32 +524,25 @@ def _release_batch(
     LockReleaseBatch.objects.filter(pk=batch.pk).update(status=ReleaseBatchStatus.DELETING)
     params = {
         "run": batch.billing_id,
+        "batch": batch.batch_no,
         "eligible": [COMPLETED, *error_path_statuses(labels)],
         "tz": env.time_zone,
         "stale": timedelta(minutes=settings.STALE_RUN_AFTER_MIN),
-        "ids": [i[0] for i in items],
-        "keys": [i[1] for i in items],
-        "types": [i[2] for i in items],
-        "entity_ids": [i[3] for i in items],
-        "system": [i[4] for i in items],
     }
     for attempt in range(LOCK_TIMEOUT_RETRIES + 1):
         try:
             with conn.transaction():
                 conn.execute(f"SET LOCAL lock_timeout = {LOCK_TIMEOUT_MS:d}")
-                # Estimating a join against an unnest() blind, the planner would rather read
-                # all of lock.locks than look up one batch's ids; the batch is small.
+                # Estimating the join blind, the planner may rather read all of lock.locks
+                # than look up one batch's ids by primary key; the batch is small.
                 conn.execute("SET LOCAL enable_seqscan = off")
-                deleted = {r[0] for r in conn.execute(DELETE_BATCH_SQL, params).fetchall()}
-                still_there: set[str] = set()
-                if len(deleted) < len(items):  # the rare case: find out why, in the same snapshot
+                deleted_rows = conn.execute(DELETE_BATCH_SQL, params).fetchall()
+                not_deleted: list[tuple[str, bool]] = []
+                if len(deleted_rows) < batch.size:  # the rare case: find out why, in the same snapshot
                     _check_still_eligible(conn, env, batch.billing_id, labels)
-                    still_there = {
-                        r[0]
-                        for r in conn.execute(
-                            "SELECT id FROM lock.locks WHERE id = ANY(%s)", [params["ids"]]
-                        ).fetchall()
-                    }
+                    not_deleted = conn.execute(
+                        NOT_DELETED_SQL, {**params, "deleted": [r[0] for r in deleted_rows]}
+                    ).fetchall()
             break
         except psycopg.errors.LockNotAvailable:
             if attempt == LOCK_TIMEOUT_RETRIES:
@@ -511,17 +553,18 @@ def _release_batch(
                 level="warning",
             )
             time.sleep(LOCK_TIMEOUT_BACKOFF_S * (attempt + 1))
-    gone = [i[0] for i in items if i[0] not in deleted]
     note = ""
-    deleted_count = len(deleted)
+    deleted_count = len(deleted_rows)
     if resuming:
         # Rows missing now were deleted by the interrupted attempt, which committed this
         # batch before it could record it (it held the run's advisory lock): count them
         # once, as released. Rows still there had changed and stay "gone" (left alone).
-        earlier = [lock_id for lock_id in gone if lock_id not in still_there]
-        gone = [lock_id for lock_id in gone if lock_id in still_there]
+        earlier = [lock_id for lock_id, still_there in not_deleted if not still_there]
+        gone = [lock_id for lock_id, still_there in not_deleted if still_there]
         deleted_count += len(earlier)
         note = _("resumed: %(n)s rows had been deleted by the interrupted attempt") % {"n": len(earlier)}
+    else:
+        gone = [lock_id for lock_id, _still in not_deleted]
     LockReleaseBatch.objects.filter(pk=batch.pk).update(
         status=ReleaseBatchStatus.DONE,
         deleted_count=deleted_count,
@@ -529,13 +572,18 @@ def _release_batch(
         note=note,
         done_at=timezone.now(),
     )
+    run_counts = progress.by_run.setdefault(str(batch.billing_id), {"released": 0, "by_entity_type": {}})
+    for _lock_id, entity_type in deleted_rows:
+        progress.by_type[entity_type] += 1
+        run_counts["by_entity_type"][entity_type] = run_counts["by_entity_type"].get(entity_type, 0) + 1
+    run_counts["released"] += len(deleted_rows)
     if gone:
         ctx.log(
             _("Run %(run)s, batch %(n)s: %(g)s planned locks were gone or had changed; left alone.")
             % {"run": batch.billing_id, "n": batch.batch_no + 1, "g": len(gone)},
             level="warning",
         )
-    progress.done += len(items)
+    progress.done += batch.size
     ctx.progress(
         progress.done,
         progress.planned,
@@ -554,6 +602,13 @@ def _check_still_eligible(
     reason = ineligibility_reason(env, status=row[0], modify_date=row[1], labels=labels)
     if reason:
         raise NoLongerEligible(reason)
+
+
+def _skipped_runs(plan: LockReleasePlan) -> dict[str, str]:
+    return {
+        str(b.billing_id): b.note
+        for b in LockReleaseBatch.objects.filter(plan=plan, status=ReleaseBatchStatus.SKIPPED)
+    }
 
 
 def _released_count(plan_id: int) -> int:
@@ -588,10 +643,7 @@ def release_result(plan: LockReleasePlan) -> dict[str, Any]:
         entry["released"] += count
         entry["by_entity_type"][entity_type] = count
         by_type[entity_type] += count
-    skipped = {
-        str(b.billing_id): b.note
-        for b in LockReleaseBatch.objects.filter(plan=plan, status=ReleaseBatchStatus.SKIPPED)
-    }
+    skipped = _skipped_runs(plan)
     return {
         "plan_id": plan.pk,
         "planned": plan.lock_count,
@@ -613,18 +665,20 @@ RELEASED_ROWS_SQL = """
 
 
 def released_rows_digest(plan_id: int) -> str:
-    """sha256 over the rows a plan's job actually deleted (what a restore puts back)."""
-    with connections["default"].cursor() as cursor:
-        cursor.execute(
-            f"""
-            SELECT encode(sha256(convert_to(coalesce(string_agg(
-                concat_ws(E'\\t', billing_id, lock_id, lock_key, entity_type, entity_id, system_lock),
-                E'\\n' ORDER BY billing_id, lock_id COLLATE "C"), ''), 'UTF8')), 'hex')
-            FROM ({RELEASED_ROWS_SQL}) released
-            """,
-            [plan_id],
-        )
-        return str(cursor.fetchone()[0])
+    """sha256 over the rows a plan's job actually deleted (what a restore puts back), in
+    the plan digest's form: when every planned row went, it is the plan's own digest."""
+    batches = LockReleaseBatch.objects.filter(plan_id=plan_id)
+    if not batches.exclude(status=ReleaseBatchStatus.DONE).exists() and _gone_count(plan_id) == 0:
+        return LockReleasePlan.objects.get(pk=plan_id).digest
+    released = (
+        "COPY (SELECT i.billing_id, i.batch_no, i.lock_id, i.lock_key, i.entity_type, i.entity_id, "
+        "i.system_lock "
+        "FROM locks_lockreleaseitem i JOIN locks_lockreleasebatch b "
+        "ON b.plan_id = i.plan_id AND b.billing_id = i.billing_id AND b.batch_no = i.batch_no "
+        "WHERE i.plan_id = {plan} AND b.status = 'done' AND NOT (b.gone_ids ? i.lock_id) "
+        'ORDER BY i.billing_id, i.lock_id COLLATE "C") TO STDOUT'
+    )
+    return _copy_digest(released.format(plan=int(plan_id)))
 
 
 def release_settled(job: Job) -> None:
