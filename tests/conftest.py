@@ -5,6 +5,7 @@ running in its own process against the same test databases.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -313,11 +314,34 @@ def blackhole_port() -> Iterator[int]:
     sock.close()
 
 
+@contextlib.contextmanager
+def broker_unreachable() -> Iterator[None]:
+    """Point this process's Celery app at a port where nothing listens, as if Redis were
+    down; afterwards, back to the real broker with fresh connection pools (Celery creates
+    its producer pool lazily, and one made meanwhile would keep the dead address)."""
+    from billing_ops.celery import app as celery_app
+
+    real = celery_app.conf["CELERY_BROKER_URL"]
+    celery_app.conf["CELERY_BROKER_URL"] = f"redis://127.0.0.1:{free_port_for_tests()}/0"
+    _reset_celery_pools(celery_app)
+    try:
+        yield
+    finally:
+        celery_app.conf["CELERY_BROKER_URL"] = real
+        _reset_celery_pools(celery_app)
+
+
+def _reset_celery_pools(celery_app: Any) -> None:
+    if celery_app._pool is not None:
+        celery_app._pool.force_close_all()
+    celery_app._pool = None
+    celery_app.amqp._producer_pool = None
+
+
 @pytest.fixture
-def inline_jobs(monkeypatch: pytest.MonkeyPatch) -> None:
+def inline_jobs() -> Iterator[None]:
     """For tests that run jobs in this process (services.job_execute): the broker is
     unreachable for them, as when Redis is down, so no worker of this session can take the
     job first; the jobs stay queued, undispatched, until the test runs them."""
-    from billing_ops.celery import app as celery_app
-
-    monkeypatch.setitem(celery_app.conf, "CELERY_BROKER_URL", f"redis://127.0.0.1:{free_port_for_tests()}/0")
+    with broker_unreachable():
+        yield
