@@ -641,6 +641,7 @@ def cmd_bench(args: list[str]) -> int:
         os.environ["BILLING_OPS_QUEUE"] = "billing_ops_bench"
         stack.up()
         manage("migrate", "--noinput", "-v", "0")
+        manage("collectstatic", "--noinput", "-v", "0")  # the pages render with the manifest
         manage("seed_demo")
         return subprocess.run([sys.executable, "-m", "tests.bench.run", *args], cwd=BASE_DIR).returncode
     finally:
