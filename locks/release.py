@@ -189,8 +189,13 @@ def release_plan_prepare(
             cursor.execute(
                 """
                 INSERT INTO locks_lockreleasebatch
-                    (plan_id, billing_id, batch_no, size, status, deleted_count, gone_ids, note)
-                SELECT plan_id, billing_id, batch_no, count(*), %s, 0, '[]'::jsonb, ''
+                    (plan_id, billing_id, batch_no, size, first_block, last_block, digest,
+                     status, deleted_count, gone_ids, note)
+                SELECT plan_id, billing_id, batch_no, count(*), min(block), max(block),
+                       encode(sha256(convert_to(string_agg(
+                           concat_ws(E'\\t', lock_id, lock_key, entity_type, entity_id, system_lock::text),
+                           E'\\n' ORDER BY lock_id COLLATE "C"), 'UTF8')), 'hex'),
+                       %s, 0, '[]'::jsonb, ''
                 FROM locks_lockreleaseitem WHERE plan_id = %s
                 GROUP BY plan_id, billing_id, batch_no
                 """,
@@ -219,14 +224,27 @@ def _copy_locks_into_plan(
     env: Environment, plan: LockReleasePlan, run_ids: list[int], *, system_only: bool, has_create_date: bool
 ) -> None:
     """Stream the runs' lock rows from the environment into the plan with two COPYs."""
+    # Batches are runs of whole heap blocks holding about BATCH_SIZE_ROWS of the run's rows,
+    # so that the job can find a batch's rows again by a block-range (TID range) scan.
     source = sql.SQL(
         """
         COPY (
-            SELECT {plan_id}, l.billing_id,
-                   ((row_number() OVER (PARTITION BY l.billing_id ORDER BY l.id)) - 1) / {batch},
-                   l.id, l.lock_key, l.entity_type, l.entity_id, l.system_lock, {create_date}
-            FROM lock.locks l
-            WHERE l.billing_id = ANY({runs}) {system_only}
+            WITH r AS (
+                SELECT l.billing_id, l.id, l.lock_key, l.entity_type, l.entity_id, l.system_lock,
+                       {create_date} AS create_date, (l.ctid::text::point)[0]::bigint AS block
+                FROM lock.locks l
+                WHERE l.billing_id = ANY({runs}) {system_only}
+            ),
+            per_block AS (SELECT billing_id, block, count(*) AS n FROM r GROUP BY billing_id, block),
+            numbered AS (
+                SELECT billing_id, block,
+                       ((sum(n) OVER (PARTITION BY billing_id ORDER BY block))::bigint - n)
+                           / {batch} AS batch_no
+                FROM per_block
+            )
+            SELECT {plan_id}, r.billing_id, numbered.batch_no, r.id, r.lock_key, r.entity_type, r.entity_id,
+                   r.system_lock, r.create_date, r.block
+            FROM r JOIN numbered USING (billing_id, block)
         ) TO STDOUT
         """
     ).format(
@@ -235,13 +253,13 @@ def _copy_locks_into_plan(
         # The platform's naive timestamps, made absolute in the environment's zone.
         create_date=sql.SQL("l.create_date AT TIME ZONE {tz}").format(tz=sql.Literal(env.time_zone))
         if has_create_date
-        else sql.SQL("NULL"),
+        else sql.SQL("NULL::timestamptz"),
         runs=sql.Literal(run_ids),
         system_only=sql.SQL("AND l.system_lock") if system_only else sql.SQL(""),
     )
     target = (
         "COPY locks_lockreleaseitem (plan_id, billing_id, batch_no, lock_id, lock_key, entity_type, "
-        "entity_id, system_lock, create_date) FROM STDIN"
+        "entity_id, system_lock, create_date, block) FROM STDIN"
     )
     with environment_connect(env, autocommit=True) as src_conn:
         src_conn.execute(f"SET statement_timeout = {PREVIEW_STATEMENT_TIMEOUT_MS:d}")
@@ -267,6 +285,19 @@ PLAN_ROWS_COPY = (
 def plan_digest(plan_id: int) -> str:
     """sha256 over the plan's rows in a fixed order: what an approval refers to."""
     return _copy_digest(PLAN_ROWS_COPY.format(plan=int(plan_id)))
+
+
+def batches_digest(plan_id: int) -> str:
+    """sha256 over the plan's batches (block ranges and row digests): the job's parameters
+    carry it, so the batches a job deletes by block range are the approved ones."""
+    digest = hashlib.sha256()
+    for row in (
+        LockReleaseBatch.objects.filter(plan_id=plan_id)
+        .order_by("billing_id", "batch_no")
+        .values_list("billing_id", "batch_no", "size", "first_block", "last_block", "digest")
+    ):
+        digest.update(("\t".join(str(v) for v in row) + "\n").encode())
+    return digest.hexdigest()
 
 
 def _copy_digest(copy_sql: str) -> str:
@@ -348,6 +379,7 @@ def release_request(
             params={
                 "plan_id": plan.pk,
                 "plan_digest": plan.digest,
+                "batches_digest": batches_digest(plan.pk),
                 "system_only": plan.system_only,
                 "runs": sorted(int(r) for r in plan.summary.get("runs", {})),
                 "lock_count": plan.lock_count,
@@ -393,12 +425,48 @@ WHERE p.billing_id = %(run)s AND p.batch_no = %(batch)s AND NOT (p.id = ANY(%(de
 """
 
 
+# The fast path: the batch's block range still holds exactly the previewed rows (same
+# count, same digest, under FOR UPDATE in this statement's snapshot) — then they go, found
+# by a TID range scan of those blocks only. Otherwise nothing is deleted here and the job
+# falls back to comparing row by row (DELETE_BATCH_SQL).
+FAST_DELETE_SQL = """
+WITH run AS (
+    SELECT b.id FROM billing.billings b
+    WHERE b.id = %(run)s
+      AND (b.status::text = ANY(%(eligible)s)
+           OR (b.status::text = 'IN_PROGRESS_ACCOUNTING'
+               AND b.modify_date < (now() AT TIME ZONE %(tz)s) - %(stale)s))
+    FOR SHARE
+),
+target AS (
+    SELECT l.ctid AS tid, l.id, l.lock_key, l.entity_type, l.entity_id, l.system_lock
+    FROM lock.locks l JOIN run ON l.billing_id = run.id
+    WHERE l.ctid >= %(first)s::tid AND l.ctid < %(after)s::tid {system_only}
+    FOR UPDATE OF l
+),
+verdict AS (
+    SELECT count(*) AS n,
+           encode(sha256(convert_to(coalesce(string_agg(
+               concat_ws(E'\\t', id, lock_key, entity_type, entity_id, system_lock::text),
+               E'\\n' ORDER BY id COLLATE "C"), ''), 'UTF8')), 'hex') AS digest
+    FROM target
+)
+DELETE FROM lock.locks l
+USING target t, verdict v
+WHERE l.ctid = t.tid AND v.n = %(size)s AND v.digest = %(digest)s
+RETURNING l.id, l.entity_type
+"""
+
+
 @dataclass
 class _Progress:
     planned: int
     done: int  # released or found gone, over every attempt
     by_run: dict[str, dict[str, Any]]
     by_type: dict[str, int]
+    plan: LockReleasePlan
+    expected_digest: str
+    plan_loaded: bool = False
 
 
 def lock_release_execute(ctx: JobContext) -> dict[str, Any]:
@@ -407,6 +475,10 @@ def lock_release_execute(ctx: JobContext) -> dict[str, Any]:
     env = ctx.env
     assert env is not None
     plan = LockReleasePlan.objects.get(pk=ctx.params["plan_id"])
+    if plan.digest != ctx.params["plan_digest"] or batches_digest(plan.pk) != ctx.params.get(
+        "batches_digest"
+    ):
+        raise JobRefused(_("The plan's rows do not match the approved preview; nothing was deleted."))
     started = time.monotonic()
     released_before = _released_count(plan.pk)
     progress = _Progress(
@@ -414,14 +486,15 @@ def lock_release_execute(ctx: JobContext) -> dict[str, Any]:
         done=released_before + _gone_count(plan.pk),
         by_run={},
         by_type=defaultdict(int),
+        plan=plan,
+        expected_digest=ctx.params["plan_digest"],
     )
-    ctx.progress(progress.done, plan.lock_count, _("Loading the plan"))
+    ctx.progress(progress.done, plan.lock_count, _("Starting"))
     if released_before:
         ctx.log(
             _("Resuming: %(n)s locks were released by an earlier attempt.") % {"n": f"{released_before:,}"}
         )
     with environment_connect(env, autocommit=True) as conn:
-        _load_plan(conn, plan, expected_digest=ctx.params["plan_digest"])
         labels = billing_status_labels(conn.cursor())
         for run_id in ctx.params["runs"]:
             _release_run(ctx, conn, env, plan, int(run_id), labels, progress)
@@ -464,7 +537,7 @@ def _load_plan(conn: psycopg.Connection[Any], plan: LockReleasePlan, *, expected
                 buffer.clear()
         digest.update(buffer)
         target.write(buffer)
-    if digest.hexdigest() != expected_digest or plan.digest != expected_digest:
+    if digest.hexdigest() != expected_digest:
         conn.execute("TRUNCATE release_rows")
         raise JobRefused(_("The plan's rows do not match the approved preview; nothing was deleted."))
     conn.execute("CREATE INDEX IF NOT EXISTS release_rows_batch ON release_rows (billing_id, batch_no)")
@@ -528,22 +601,48 @@ def _release_batch(
         "eligible": [COMPLETED, *error_path_statuses(labels)],
         "tz": env.time_zone,
         "stale": timedelta(minutes=settings.STALE_RUN_AFTER_MIN),
+        "first": f"({batch.first_block},0)",
+        "after": f"({batch.last_block + 1},0)",
+        "size": batch.size,
+        "digest": batch.digest,
     }
+    fast_sql = FAST_DELETE_SQL.format(system_only="AND l.system_lock" if progress.plan.system_only else "")
+    deleted_rows = _with_lock_retries(ctx, batch, lambda: conn.execute(fast_sql, params).fetchall(), conn)
+    not_deleted: list[tuple[str, bool]] = []
+    if len(deleted_rows) < batch.size:
+        # Something in these blocks differs from the preview (or the run is no longer
+        # eligible): compare row by row against the plan, loaded once per job.
+        if not progress.plan_loaded:
+            _load_plan(conn, progress.plan, expected_digest=progress.expected_digest)
+            progress.plan_loaded = True
+
+        def exactly() -> tuple[list[Any], list[Any]]:
+            # Estimating the join blind, the planner may rather read all of lock.locks than
+            # look up one batch's ids by primary key; the batch is small.
+            conn.execute("SET LOCAL enable_seqscan = off")
+            rows = conn.execute(DELETE_BATCH_SQL, params).fetchall()
+            missing: list[Any] = []
+            if len(rows) < batch.size:  # find out why, in the same snapshot
+                _check_still_eligible(conn, env, batch.billing_id, labels)
+                missing = conn.execute(
+                    NOT_DELETED_SQL, {**params, "deleted": [r[0] for r in rows]}
+                ).fetchall()
+            return rows, missing
+
+        deleted_rows, not_deleted = _with_lock_retries(ctx, batch, exactly, conn)
+    _record_batch(ctx, batch, deleted_rows, not_deleted, resuming=resuming, progress=progress)
+
+
+def _with_lock_retries(
+    ctx: JobContext, batch: LockReleaseBatch, work: Any, conn: psycopg.Connection[Any]
+) -> Any:
+    """Run ``work`` in one short transaction with lock_timeout; back off and retry when a
+    platform writer holds a row lock we need."""
     for attempt in range(LOCK_TIMEOUT_RETRIES + 1):
         try:
             with conn.transaction():
                 conn.execute(f"SET LOCAL lock_timeout = {LOCK_TIMEOUT_MS:d}")
-                # Estimating the join blind, the planner may rather read all of lock.locks
-                # than look up one batch's ids by primary key; the batch is small.
-                conn.execute("SET LOCAL enable_seqscan = off")
-                deleted_rows = conn.execute(DELETE_BATCH_SQL, params).fetchall()
-                not_deleted: list[tuple[str, bool]] = []
-                if len(deleted_rows) < batch.size:  # the rare case: find out why, in the same snapshot
-                    _check_still_eligible(conn, env, batch.billing_id, labels)
-                    not_deleted = conn.execute(
-                        NOT_DELETED_SQL, {**params, "deleted": [r[0] for r in deleted_rows]}
-                    ).fetchall()
-            break
+                return work()
         except psycopg.errors.LockNotAvailable:
             if attempt == LOCK_TIMEOUT_RETRIES:
                 raise
@@ -553,6 +652,18 @@ def _release_batch(
                 level="warning",
             )
             time.sleep(LOCK_TIMEOUT_BACKOFF_S * (attempt + 1))
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _record_batch(
+    ctx: JobContext,
+    batch: LockReleaseBatch,
+    deleted_rows: list[tuple[str, str]],
+    not_deleted: list[tuple[str, bool]],
+    *,
+    resuming: bool,
+    progress: _Progress,
+) -> None:
     note = ""
     deleted_count = len(deleted_rows)
     if resuming:
