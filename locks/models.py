@@ -244,8 +244,10 @@ class LockReleaseItem(models.Model):
     entity_id = models.TextField()
     system_lock = models.BooleanField()
     create_date = models.DateTimeField(null=True)
-    # The heap block the row was in at preview time (batches are ranges of blocks).
+    # Where the row was at preview time (its ctid: heap block and line pointer); a batch
+    # is a range of ctids.
     block = models.BigIntegerField(default=0)
+    line = models.IntegerField(default=0)
 
     class Meta:
         indexes = [models.Index(fields=["plan", "billing_id", "batch_no"], name="release_item_batch_idx")]
@@ -269,11 +271,14 @@ class LockReleaseBatch(models.Model):
     billing_id = models.BigIntegerField()
     batch_no = models.IntegerField()
     size = models.IntegerField()
-    # The batch is the run's planned rows in heap blocks first_block..last_block, and
-    # digest is sha256 over them: when the same blocks still hold exactly these rows, the
-    # batch is deleted by a block-range scan without the row list (see locks.release).
+    # The batch is the run's planned rows with ctids from (first_block, first_line) to
+    # (last_block, last_line), and digest is sha256 over them: when that ctid range still
+    # holds exactly these rows, the batch is deleted by a TID range scan without the row
+    # list (see locks.release).
     first_block = models.BigIntegerField(default=0)
+    first_line = models.IntegerField(default=0)
     last_block = models.BigIntegerField(default=0)
+    last_line = models.IntegerField(default=0)
     digest = models.CharField(max_length=64, blank=True)
     status = models.CharField(
         max_length=16, choices=ReleaseBatchStatus.choices, default=ReleaseBatchStatus.PENDING

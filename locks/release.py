@@ -189,9 +189,12 @@ def release_plan_prepare(
             cursor.execute(
                 """
                 INSERT INTO locks_lockreleasebatch
-                    (plan_id, billing_id, batch_no, size, first_block, last_block, digest,
-                     status, deleted_count, gone_ids, note)
-                SELECT plan_id, billing_id, batch_no, count(*), min(block), max(block),
+                    (plan_id, billing_id, batch_no, size, first_block, first_line, last_block, last_line,
+                     digest, status, deleted_count, gone_ids, note)
+                SELECT plan_id, billing_id, batch_no, count(*),
+                       (array_agg(block ORDER BY block, line))[1], (array_agg(line ORDER BY block, line))[1],
+                       (array_agg(block ORDER BY block DESC, line DESC))[1],
+                       (array_agg(line ORDER BY block DESC, line DESC))[1],
                        encode(sha256(convert_to(string_agg(
                            concat_ws(E'\\t', lock_id, lock_key, entity_type, entity_id, system_lock::text),
                            E'\\n' ORDER BY lock_id COLLATE "C"), 'UTF8')), 'hex'),
@@ -224,27 +227,17 @@ def _copy_locks_into_plan(
     env: Environment, plan: LockReleasePlan, run_ids: list[int], *, system_only: bool, has_create_date: bool
 ) -> None:
     """Stream the runs' lock rows from the environment into the plan with two COPYs."""
-    # Batches are runs of whole heap blocks holding about BATCH_SIZE_ROWS of the run's rows,
-    # so that the job can find a batch's rows again by a block-range (TID range) scan.
+    # Batches are runs of BATCH_SIZE_ROWS of a run's rows in ctid order, so that the job can
+    # find a batch's rows again by a TID range scan of just those heap blocks.
     source = sql.SQL(
         """
         COPY (
-            WITH r AS (
-                SELECT l.billing_id, l.id, l.lock_key, l.entity_type, l.entity_id, l.system_lock,
-                       {create_date} AS create_date, (l.ctid::text::point)[0]::bigint AS block
-                FROM lock.locks l
-                WHERE l.billing_id = ANY({runs}) {system_only}
-            ),
-            per_block AS (SELECT billing_id, block, count(*) AS n FROM r GROUP BY billing_id, block),
-            numbered AS (
-                SELECT billing_id, block,
-                       ((sum(n) OVER (PARTITION BY billing_id ORDER BY block))::bigint - n)
-                           / {batch} AS batch_no
-                FROM per_block
-            )
-            SELECT {plan_id}, r.billing_id, numbered.batch_no, r.id, r.lock_key, r.entity_type, r.entity_id,
-                   r.system_lock, r.create_date, r.block
-            FROM r JOIN numbered USING (billing_id, block)
+            SELECT {plan_id}, l.billing_id,
+                   ((row_number() OVER (PARTITION BY l.billing_id ORDER BY l.ctid)) - 1) / {batch},
+                   l.id, l.lock_key, l.entity_type, l.entity_id, l.system_lock, {create_date},
+                   (l.ctid::text::point)[0]::bigint, (l.ctid::text::point)[1]::int
+            FROM lock.locks l
+            WHERE l.billing_id = ANY({runs}) {system_only}
         ) TO STDOUT
         """
     ).format(
@@ -259,7 +252,7 @@ def _copy_locks_into_plan(
     )
     target = (
         "COPY locks_lockreleaseitem (plan_id, billing_id, batch_no, lock_id, lock_key, entity_type, "
-        "entity_id, system_lock, create_date, block) FROM STDIN"
+        "entity_id, system_lock, create_date, block, line) FROM STDIN"
     )
     with environment_connect(env, autocommit=True) as src_conn:
         src_conn.execute(f"SET statement_timeout = {PREVIEW_STATEMENT_TIMEOUT_MS:d}")
@@ -294,7 +287,9 @@ def batches_digest(plan_id: int) -> str:
     for row in (
         LockReleaseBatch.objects.filter(plan_id=plan_id)
         .order_by("billing_id", "batch_no")
-        .values_list("billing_id", "batch_no", "size", "first_block", "last_block", "digest")
+        .values_list(
+            "billing_id", "batch_no", "size", "first_block", "first_line", "last_block", "last_line", "digest"
+        )
     ):
         digest.update(("\t".join(str(v) for v in row) + "\n").encode())
     return digest.hexdigest()
@@ -441,7 +436,7 @@ WITH run AS (
 target AS (
     SELECT l.ctid AS tid, l.id, l.lock_key, l.entity_type, l.entity_id, l.system_lock
     FROM lock.locks l JOIN run ON l.billing_id = run.id
-    WHERE l.ctid >= %(first)s::tid AND l.ctid < %(after)s::tid {system_only}
+    WHERE l.ctid >= %(first)s::tid AND l.ctid <= %(last)s::tid {system_only}
     FOR UPDATE OF l
 ),
 verdict AS (
@@ -601,8 +596,8 @@ def _release_batch(
         "eligible": [COMPLETED, *error_path_statuses(labels)],
         "tz": env.time_zone,
         "stale": timedelta(minutes=settings.STALE_RUN_AFTER_MIN),
-        "first": f"({batch.first_block},0)",
-        "after": f"({batch.last_block + 1},0)",
+        "first": f"({batch.first_block},{batch.first_line})",
+        "last": f"({batch.last_block},{batch.last_line})",
         "size": batch.size,
         "digest": batch.digest,
     }
