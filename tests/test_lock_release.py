@@ -200,14 +200,30 @@ def test_a_protected_release_waits_for_another_approver(protected_env, clean_env
     assert lock_ids(env, "billing_id = 5") == set()
 
 
-def test_a_plan_altered_after_approval_deletes_nothing(operator, env_with_runs) -> None:
+def test_batches_altered_after_approval_delete_nothing(operator, env_with_runs) -> None:
+    env = env_with_runs
+    plan = release.release_plan_prepare(actor=operator, env=env, run_ids=[1], system_only=False)
+    job = release.release_request(actor=operator, plan_id=plan.pk, digest=plan.digest)
+    LockReleaseBatch.objects.filter(plan=plan).update(last_line=999)  # widen the range in the database
+    assert services.job_execute(job_id=job.pk, worker="test") == JobStatus.FAILED
+    assert "do not match" in Job.objects.get(pk=job.pk).error
+    assert len(lock_ids(env, "billing_id = 1")) == 35 and len(lock_ids(env, "billing_id = 2")) == 7
+
+
+def test_plan_rows_altered_after_approval_change_nothing_that_goes_and_block_the_restore(
+    operator, env_with_runs
+) -> None:
     env = env_with_runs
     plan = release.release_plan_prepare(actor=operator, env=env, run_ids=[1], system_only=False)
     job = release.release_request(actor=operator, plan_id=plan.pk, digest=plan.digest)
     plan.items.filter(lock_id="r1-s-mix-1").update(lock_id="r2-s-mix-1")  # point it at another run's lock
-    assert services.job_execute(job_id=job.pk, worker="test") == JobStatus.FAILED
-    assert "do not match" in Job.objects.get(pk=job.pk).error
-    assert len(lock_ids(env, "billing_id = 1")) == 35 and len(lock_ids(env, "billing_id = 2")) == 7
+    assert services.job_execute(job_id=job.pk, worker="test") == JobStatus.SUCCEEDED
+    # What went is what was approved (the batch digests are checked against the rows
+    # themselves), not what the altered record says; run 2 keeps all its locks.
+    assert lock_ids(env, "billing_id = 1") == set() and len(lock_ids(env, "billing_id = 2")) == 7
+    restore = release.restore_request(actor=make_user("approver1", "Approver"), release_job_id=job.pk)
+    assert services.job_execute(job_id=restore.pk, worker="test") == JobStatus.FAILED
+    assert "changed since the release" in Job.objects.get(pk=restore.pk).error
 
 
 def test_a_stale_preview_cannot_be_requested(operator, env_with_runs) -> None:
