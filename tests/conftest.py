@@ -332,8 +332,9 @@ def broker_unreachable() -> Iterator[None]:
 
 
 def _reset_celery_pools(celery_app: Any) -> None:
-    if celery_app._pool is not None:
-        celery_app._pool.force_close_all()
+    """Drop the app's cached pools (as Celery does after a fork): they are looked up again,
+    by broker address, from kombu's registries. Closing them would close them for every
+    later user of the same address too."""
     celery_app._pool = None
     celery_app.amqp._producer_pool = None
 
