@@ -623,11 +623,14 @@ def _release_batch(
             _load_plan(conn, progress.plan, expected_digest=progress.expected_digest)
             progress.plan_loaded = True
 
+        # Rows the fast path did delete (a concurrent change can make it skip some) count.
+        fast_rows = deleted_rows
+
         def exactly() -> tuple[list[Any], list[Any]]:
             # Estimating the join blind, the planner may rather read all of lock.locks than
             # look up one batch's ids by primary key; the batch is small.
             conn.execute("SET LOCAL enable_seqscan = off")
-            rows = conn.execute(DELETE_BATCH_SQL, params).fetchall()
+            rows = fast_rows + conn.execute(DELETE_BATCH_SQL, params).fetchall()
             missing: list[Any] = []
             if len(rows) < batch.size:  # find out why, in the same snapshot
                 _check_still_eligible(conn, env, batch.billing_id, labels)
