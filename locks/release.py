@@ -12,12 +12,14 @@ that an ops team can trust it with production:
    so that an approver approves exactly these rows. Each run is claimed (``JobClaim``): one
    cleanup per environment and run at a time; a second request is refused naming the job.
 3. **Delete** (``lock_release_execute``, on a worker): run by run, batch by batch, each
-   batch one short transaction with ``lock_timeout``, deleting by primary key only the rows
-   that are still exactly as previewed and whose run is still eligible (re-checked, with
-   ``FOR SHARE`` on the run, in the batch's own transaction). Rows that appeared since were
-   never in the plan; rows that changed are left alone and reported. Progress is per batch;
-   a cancel takes effect between batches; a session advisory lock per run keeps any other
-   process using this code off the same run.
+   batch one short transaction with ``lock_timeout``. A batch is a range of ctids fixed at
+   preview time with its row count and fingerprint: if that range still holds exactly those
+   rows, and the run is still eligible (checked ``FOR SHARE`` in the same statement), they
+   go by one TID range scan. Otherwise the batch is compared row by row with the plan: only
+   rows still exactly as previewed are deleted; rows that appeared since were never in the
+   plan; rows that changed are left alone and reported. Progress is per batch; a cancel
+   takes effect between batches; a session advisory lock per run keeps any other process
+   using this code off the same run.
 4. **Resume**: a batch is marked ``deleting`` before its transaction and ``done`` after;
    after a worker died, the job (re-queued by the sweeper, or run again) continues with
    the batches not ``done``. A batch left ``deleting`` is deleted again: what is still
