@@ -314,3 +314,36 @@ def test_the_command_exits_non_zero_when_refused(viewer, operator, env_with_runs
         call_command("release_locks", "--env", env_with_runs.key, "--run", "77", "--actor", "operator1")
     with pytest.raises(CommandError, match="unknown environment"):
         call_command("release_locks", "--env", "nope", "--run", "1", "--actor", "operator1")
+
+
+def test_a_cancel_stops_between_batches_and_keeps_what_was_done(
+    operator, env_with_runs, small_batches
+) -> None:
+    env = env_with_runs
+    plan = release.release_plan_prepare(actor=operator, env=env, run_ids=[1], system_only=False)
+    job = release.release_request(actor=operator, plan_id=plan.pk, digest=plan.digest)
+    claimed = services.job_claim(job_id=job.pk, worker="test")
+    ctx = services.JobContext(claimed, env)
+    original = ctx.progress
+
+    def progress(done, total=None, message=""):
+        original(done, total, message)
+        if done:  # after the first batch, someone presses Cancel
+            Job.objects.filter(pk=job.pk).update(cancel_requested=True)
+
+    ctx.progress = progress  # type: ignore[method-assign]
+    with pytest.raises(services.JobCancelled):
+        release.lock_release_execute(ctx)
+    assert LockReleaseBatch.objects.filter(plan=plan, status="done").count() == 1
+    assert len(lock_ids(env, "billing_id = 1")) == 25
+    assert release.release_result(plan)["released"] == 10
+
+
+def test_a_release_notifies_the_configured_channels(operator, env_with_runs, settings) -> None:
+    from billing_ops.models import Notification
+
+    settings.ALERT_EMAILS = ["ops@example.test"]
+    prepare_and_run(operator, env_with_runs, [1])
+    note = Notification.objects.get(channel="email")
+    assert env_with_runs.label in note.subject and "succeeded" in note.subject
+    assert "Locks released: 35 of 35 planned" in note.body and "Requested by operator1" in note.body
