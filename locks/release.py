@@ -268,8 +268,13 @@ def _copy_locks_into_plan(
             src_conn.cursor().copy(source) as src,
             dst_cursor.cursor.copy(target) as dst,
         ):
-            for data in src:
-                dst.write(data)
+            buffer = bytearray()
+            for data in src:  # one row at a time from libpq; sent on in larger pieces
+                buffer += data
+                if len(buffer) >= COPY_CHUNK_BYTES:
+                    dst.write(buffer)
+                    buffer.clear()
+            dst.write(buffer)
 
 
 # The plan's rows in a fixed order, as COPY text: hashed for the digest, and streamed into
@@ -302,9 +307,14 @@ def batches_digest(plan_id: int) -> str:
 
 def _copy_digest(copy_sql: str) -> str:
     digest = hashlib.sha256()
+    buffer = bytearray()
     with connections["default"].cursor() as cursor, cursor.cursor.copy(copy_sql) as rows:
         for data in rows:
-            digest.update(data)
+            buffer += data
+            if len(buffer) >= COPY_CHUNK_BYTES:
+                digest.update(buffer)
+                buffer.clear()
+    digest.update(buffer)
     return digest.hexdigest()
 
 
