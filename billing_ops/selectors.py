@@ -13,7 +13,7 @@ from django.db import connections
 from django.db.models import QuerySet
 
 from billing_ops.environments import Environment, environment_connect
-from billing_ops.models import ACTIVE_STATUSES, Job
+from billing_ops.models import Job
 
 logger = logging.getLogger(__name__)
 
@@ -118,20 +118,23 @@ def contract_schema_status(env: Environment) -> dict[str, Any]:
     }
 
 
+def billing_status_labels(cursor: Any) -> list[str]:
+    """The labels of billing.billing_status as the environment defines them, in order (read
+    from the database, never hard-coded: platforms add labels)."""
+    cursor.execute(
+        """
+        SELECT e.enumlabel FROM pg_enum e
+        JOIN pg_type t ON t.oid = e.enumtypid JOIN pg_namespace n ON n.oid = t.typnamespace
+        WHERE n.nspname = 'billing' AND t.typname = 'billing_status'
+        ORDER BY e.enumsortorder
+        """
+    )
+    return [row[0] for row in cursor.fetchall()]
+
+
 def billing_statuses(env: Environment) -> list[str]:
-    """The labels of billing.billing_status as the environment defines them, in order."""
     with connections[env.alias].cursor() as cursor:
-        cursor.execute(
-            """
-            SELECT e.enumlabel
-            FROM pg_enum e
-            JOIN pg_type t ON t.oid = e.enumtypid
-            JOIN pg_namespace n ON n.oid = t.typnamespace
-            WHERE n.nspname = 'billing' AND t.typname = 'billing_status'
-            ORDER BY e.enumsortorder
-            """
-        )
-        return [row[0] for row in cursor.fetchall()]
+        return billing_status_labels(cursor)
 
 
 def jobs_recent(*, environment: str | None = None) -> QuerySet[Job]:
@@ -143,10 +146,6 @@ def jobs_recent(*, environment: str | None = None) -> QuerySet[Job]:
 
 def jobs_awaiting_approval() -> QuerySet[Job]:
     return jobs_recent().filter(status="awaiting_approval").order_by("requested_at")
-
-
-def jobs_active_count() -> int:
-    return Job.objects.filter(status__in=ACTIVE_STATUSES).count()
 
 
 def health_report() -> dict[str, Any]:

@@ -49,6 +49,7 @@ from psycopg import sql
 from billing_ops import access
 from billing_ops.environments import Environment, environment_connect, get_environment
 from billing_ops.models import Job, JobStatus
+from billing_ops.selectors import billing_status_labels
 from billing_ops.services import Actor, JobContext, JobRefused, job_request
 from locks.models import (
     LockReleaseBatch,
@@ -60,7 +61,6 @@ from locks.selectors import (
     COMPLETED,
     IN_PROGRESS_ACCOUNTING,
     aware,
-    billing_status_labels,
     error_path_statuses,
     lock_table_shape,
 )

@@ -29,6 +29,7 @@ from django.db import connections
 from django.utils import timezone
 
 from billing_ops.environments import Environment, environment_connect
+from billing_ops.selectors import billing_status_labels
 
 COMPLETED = "COMPLETED"
 IN_PROGRESS_ACCOUNTING = "IN_PROGRESS_ACCOUNTING"
@@ -97,18 +98,6 @@ def lock_table_shape(cursor: Any) -> LockTableShape:
         holder_column=next((c for c in HOLDER_COLUMNS if c in columns), None),
         billing_id_indexed=bool(cursor.fetchone()[0]),
     )
-
-
-def billing_status_labels(cursor: Any) -> list[str]:
-    cursor.execute(
-        """
-        SELECT e.enumlabel FROM pg_enum e
-        JOIN pg_type t ON t.oid = e.enumtypid JOIN pg_namespace n ON n.oid = t.typnamespace
-        WHERE n.nspname = 'billing' AND t.typname = 'billing_status'
-        ORDER BY e.enumsortorder
-        """
-    )
-    return [row[0] for row in cursor.fetchall()]
 
 
 def error_path_statuses(labels: list[str]) -> list[str]:

@@ -20,7 +20,6 @@ from django.conf import settings
 from django.contrib.auth.models import Group, User
 from django.db import connections
 from django.test import Client
-from psycopg.conninfo import conninfo_to_dict
 
 from billing_ops.contract import contract_schema_apply
 from billing_ops.environments import Environment, all_environments
@@ -258,10 +257,6 @@ def wait_for(
             return value
         time.sleep(interval_s)
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-
-
-def database_name(alias: str) -> str:
-    return str(conninfo_to_dict(_test_url(alias))["dbname"])
 
 
 def free_port_for_tests() -> int:
