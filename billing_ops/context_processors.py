@@ -15,7 +15,9 @@ def navigation(request: HttpRequest) -> dict[str, Any]:
     viewer = access.is_viewer(user)
     return {
         "nav_environments": all_environments() if viewer else [],
-        "nav_active_alerts": alerts_active().count() if viewer else 0,
+        # A callable: counted only where a template shows it (base.html), never for the
+        # fragments htmx polls every second.
+        "nav_active_alerts": alerts_active().count if viewer else 0,
         "can_queue": access.is_operator(user),
         "can_approve": access.is_approver(user),
     }

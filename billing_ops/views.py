@@ -66,14 +66,12 @@ def approval_list(request: HttpRequest) -> HttpResponse:
 
 
 def _job_context(request: HttpRequest, job: Job) -> dict[str, object]:
+    """What the job's live part (_job_status.html) shows; rendered every second while the
+    job runs, so nothing here beyond what that fragment uses."""
     user = request.user
-    kind = get_kind(job.kind)
-    detail = import_string(kind.detail_context)(job, user) if kind.detail_context else {}
     return {
-        **detail,
         "job": job,
-        "kind": kind,
-        "detail_template": f"billing_ops/details/{job.kind}.html" if kind.detail_context else "",
+        "kind": get_kind(job.kind),
         "log_lines": job.log_lines.all(),
         "can_decide": access.is_approver(user)
         and job.status == "awaiting_approval"
@@ -89,7 +87,19 @@ def _job_context(request: HttpRequest, job: Job) -> dict[str, object]:
 @require_GET
 def job_detail(request: HttpRequest, job_id: int) -> HttpResponse:
     job = _get_job_for_user(request, job_id)
-    return render(request, "billing_ops/job_detail.html", _job_context(request, job))
+    kind = get_kind(job.kind)
+    # The kind's own section (e.g. the release preview an approver decides on) is static:
+    # the full page renders it once, the polled fragment never.
+    detail = import_string(kind.detail_context)(job, request.user) if kind.detail_context else {}
+    return render(
+        request,
+        "billing_ops/job_detail.html",
+        {
+            **detail,
+            **_job_context(request, job),
+            "detail_template": f"billing_ops/details/{job.kind}.html" if kind.detail_context else "",
+        },
+    )
 
 
 @never_cache

@@ -125,3 +125,22 @@ def test_production_asks_for_its_name_and_an_approver_sees_the_same_preview(
     restore = Job.objects.get(kind="lock_restore")
     services.job_execute(job_id=restore.pk, worker="test")
     assert count_locks(env, 7) == 4
+
+
+def test_the_polled_job_fragment_reads_no_preview_and_counts_no_alerts(stuck, client_for, operator) -> None:
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    client = client_for(operator)
+    client.post(
+        f"/environments/{stuck.key}/releases/preview/", {"scope": "selected", "runs": ["1"], "locks": "all"}
+    )
+    plan = LockReleasePlan.objects.get()
+    client.post(f"/environments/{stuck.key}/releases/{plan.pk}/request/", {"digest": plan.digest})
+    job = Job.objects.get()
+    assert "Release plan: 12 locks" in client.get(f"/jobs/{job.pk}/").content.decode()
+    with CaptureQueriesContext(connection) as queries:
+        response = client.get(f"/jobs/{job.pk}/status/")
+    assert response.status_code == 200
+    tables = " ".join(q["sql"] for q in queries.captured_queries)
+    assert "locks_lockreleaseplan" not in tables and "locks_alert" not in tables
