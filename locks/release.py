@@ -405,10 +405,9 @@ def release_request(
 
 # --- The delete ------------------------------------------------------------------------------
 
-# One round trip per batch: the run is locked FOR SHARE and must still be eligible (else
-# nothing is deleted), and only rows still exactly as previewed go. The batch's rows come
-# from release_rows, a temporary table the job loads once from the plan.
-DELETE_BATCH_SQL = """
+# The run, locked FOR SHARE for the batch's transaction, only while it is still eligible
+# (the SQL form of ineligibility_reason): no row, nothing deleted.
+ELIGIBLE_RUN_CTE = """
 WITH run AS (
     SELECT b.id FROM billing.billings b
     WHERE b.id = %(run)s
@@ -416,7 +415,14 @@ WITH run AS (
            OR (b.status::text = 'IN_PROGRESS_ACCOUNTING'
                AND b.modify_date < (now() AT TIME ZONE %(tz)s) - %(stale)s))
     FOR SHARE
-)
+)"""
+
+# One round trip per batch: the run is locked FOR SHARE and must still be eligible (else
+# nothing is deleted), and only rows still exactly as previewed go. The batch's rows come
+# from release_rows, a temporary table the job loads once from the plan.
+DELETE_BATCH_SQL = (
+    ELIGIBLE_RUN_CTE
+    + """
 DELETE FROM lock.locks l
 USING run, release_rows p
 WHERE p.billing_id = %(run)s AND p.batch_no = %(batch)s
@@ -426,6 +432,7 @@ WHERE p.billing_id = %(run)s AND p.batch_no = %(batch)s
   AND l.entity_id = p.entity_id AND l.system_lock = p.system_lock
 RETURNING l.id, l.entity_type
 """
+)
 
 # Planned rows of a batch that were not deleted, and whether each is still there (changed).
 NOT_DELETED_SQL = """
@@ -448,15 +455,9 @@ ROW_DIGEST_SUM = (
 # of those blocks only. A row changed or deleted by someone else meanwhile is skipped by the
 # DELETE (its ctid no longer matches), so a batch is never more than previewed; whatever is
 # left falls back to comparing row by row (DELETE_BATCH_SQL).
-FAST_DELETE_SQL = """
-WITH run AS (
-    SELECT b.id FROM billing.billings b
-    WHERE b.id = %(run)s
-      AND (b.status::text = ANY(%(eligible)s)
-           OR (b.status::text = 'IN_PROGRESS_ACCOUNTING'
-               AND b.modify_date < (now() AT TIME ZONE %(tz)s) - %(stale)s))
-    FOR SHARE
-),
+FAST_DELETE_SQL = (
+    ELIGIBLE_RUN_CTE
+    + """,
 target AS (
     SELECT l.ctid AS tid, l.id, l.lock_key, l.entity_type, l.entity_id, l.system_lock
     FROM lock.locks l JOIN run ON l.billing_id = run.id
@@ -470,6 +471,7 @@ USING target t, verdict v
 WHERE l.ctid = t.tid AND v.n = %(size)s AND v.digest = %(digest)s
 RETURNING l.id, l.entity_type
 """
+)
 
 
 @dataclass
@@ -900,7 +902,7 @@ def restore_request(*, actor: Actor, release_job_id: int) -> Job:
     plan = LockReleasePlan.objects.get(pk=release_job.params["plan_id"])
     if plan.restored_by_job_id:
         raise ValidationError(_("Already restored by job #%(id)s.") % {"id": plan.restored_by_job_id})
-    released = release_result(plan)["released"]
+    released = _released_count(plan.pk)
     if not released:
         raise ValidationError(_("This release deleted nothing; there is nothing to restore."))
     return job_request(

@@ -12,6 +12,7 @@ from django.contrib import messages
 from django.contrib.auth.decorators import login_not_required
 from django.core.cache import cache
 from django.core.exceptions import ValidationError
+from django.db.models import QuerySet
 from django.http import Http404, HttpRequest, HttpResponse, QueryDict
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
@@ -161,6 +162,15 @@ def suspicious_runs(request: HttpRequest, env_key: str) -> HttpResponse:
     )
 
 
+def _lock_rows(request: HttpRequest, locks: QuerySet[Lock]) -> LockTable:
+    """Lock rows, a page at a time, never counted: a run can hold 150,000 of them."""
+    table = LockTable(locks.order_by("id"))
+    RequestConfig(request, paginate={"paginator_class": LazyPaginator, "per_page": LOCKS_PER_PAGE}).configure(
+        table
+    )
+    return table
+
+
 @require_GET
 def run_detail(request: HttpRequest, env_key: str, run_id: int) -> HttpResponse:
     env = access.get_environment_for_user(request.user, env_key)
@@ -168,10 +178,7 @@ def run_detail(request: HttpRequest, env_key: str, run_id: int) -> HttpResponse:
     if run is None:
         raise Http404("No such billing run in this environment.")
     summary = selectors.run_locks_summary(env, run_id)
-    table = LockTable(Lock.objects.using(env.alias).filter(billing_id=run_id).order_by("id"))
-    RequestConfig(request, paginate={"paginator_class": LazyPaginator, "per_page": LOCKS_PER_PAGE}).configure(
-        table
-    )
+    table = _lock_rows(request, Lock.objects.using(env.alias).filter(billing_id=run_id))
     return render(
         request,
         "locks/run_detail.html",
@@ -191,10 +198,7 @@ def run_detail(request: HttpRequest, env_key: str, run_id: int) -> HttpResponse:
 def locks_without_run(request: HttpRequest, env_key: str) -> HttpResponse:
     env = access.get_environment_for_user(request.user, env_key)
     groups, shape = selectors.locks_without_run(env)
-    table = LockTable(Lock.objects.using(env.alias).filter(billing_id__isnull=True).order_by("id"))
-    RequestConfig(request, paginate={"paginator_class": LazyPaginator, "per_page": LOCKS_PER_PAGE}).configure(
-        table
-    )
+    table = _lock_rows(request, Lock.objects.using(env.alias).filter(billing_id__isnull=True))
     return render(
         request,
         "locks/locks_without_run.html",
