@@ -454,6 +454,14 @@ def _demo_url_vars() -> list[str]:
 # --- Processes -------------------------------------------------------------------------------
 
 
+def worker_argv(*, queue: str, concurrency: int, name: str, extra: tuple[str, ...] = ()) -> list[str]:
+    """How a Celery worker of this project is started (by `make run`, and by the tests)."""
+    return [
+        sys.executable, "-m", "celery", "-A", "billing_ops", "worker", "-l", "INFO",
+        "-Q", queue, "--concurrency", str(concurrency), "-n", name, *extra,
+    ]  # fmt: skip
+
+
 def manage(*args: str, env: dict[str, str] | None = None) -> None:
     subprocess.run([sys.executable, str(BASE_DIR / "manage.py"), *args], check=True, cwd=BASE_DIR, env=env)
 
@@ -549,22 +557,9 @@ def cmd_run() -> int:
         )
         supervisor.start(
             "worker",
-            [
-                py,
-                "-m",
-                "celery",
-                "-A",
-                "billing_ops",
-                "worker",
-                "-l",
-                "INFO",
-                "-Q",
-                os.environ.get("BILLING_OPS_QUEUE", "billing_ops"),
-                "--concurrency",
-                "2",
-                "-n",
-                "worker1@%h",
-            ],
+            worker_argv(
+                queue=os.environ.get("BILLING_OPS_QUEUE", "billing_ops"), concurrency=2, name="worker1@%h"
+            ),
             "worker",
         )
         supervisor.start("beat", [py, "-m", "celery", "-A", "billing_ops", "beat", "-l", "INFO"], "beat")

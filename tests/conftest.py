@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ from django.db import connections
 from django.test import Client
 
 from billing_ops.contract import contract_schema_apply
+from billing_ops.devstack import worker_argv
 from billing_ops.environments import Environment, all_environments
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -120,24 +120,12 @@ class Worker:
         client.delete(key)
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "celery",
-                    "-A",
-                    "billing_ops",
-                    "worker",
-                    "-l",
-                    "INFO",
-                    "-Q",
-                    settings.CELERY_QUEUE,
-                    "--concurrency",
-                    "1",
-                    "-n",
-                    self.name,
-                    "--without-gossip",
-                    "--without-mingle",
-                ],
+                worker_argv(
+                    queue=settings.CELERY_QUEUE,
+                    concurrency=1,
+                    name=self.name,
+                    extra=("--without-gossip", "--without-mingle"),
+                ),
                 cwd=BASE_DIR,
                 env={**self.environ, "BILLING_OPS_PROCESS_ROLE": "test-worker"},
                 stdout=log,

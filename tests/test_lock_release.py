@@ -120,22 +120,30 @@ def test_a_run_that_is_running_again_is_skipped_with_the_reason(
     assert job.log_lines.filter(message__contains="Run 2: stopped").exists()
 
 
-def test_a_status_change_between_batches_stops_that_run(operator, env_with_runs, small_batches) -> None:
-    env = env_with_runs
+def claimed_release(operator, env, *, after_first_batch):
+    """A release of run 1, claimed and ready to execute in this process, whose context calls
+    ``after_first_batch(job)`` once, when its first batch is done."""
     plan = release.release_plan_prepare(actor=operator, env=env, run_ids=[1], system_only=False)
     job = release.release_request(actor=operator, plan_id=plan.pk, digest=plan.digest)
-    claimed = services.job_claim(job_id=job.pk, worker="test")
-    ctx = services.JobContext(claimed, env)
-    original = ctx.progress
-    calls = []
+    ctx = services.JobContext(services.job_claim(job_id=job.pk, worker="test"), env)
+    report = ctx.progress
+    fired: list[bool] = []
 
     def progress(done, total=None, message=""):
-        calls.append(done)
-        original(done, total, message)
-        if len(calls) == 2:  # after the first batch
-            set_status(env, 1, "IN_PROGRESS_ACCOUNTING")
+        report(done, total, message)
+        if done and not fired:  # the first report with progress follows the first batch
+            fired.append(True)
+            after_first_batch(job)
 
     ctx.progress = progress  # type: ignore[method-assign]
+    return plan, ctx
+
+
+def test_a_status_change_between_batches_stops_that_run(operator, env_with_runs, small_batches) -> None:
+    env = env_with_runs
+    plan, ctx = claimed_release(
+        operator, env, after_first_batch=lambda job: set_status(env, 1, "IN_PROGRESS_ACCOUNTING")
+    )
     result = release.lock_release_execute(ctx)
     assert result["released"] == 10
     assert len(lock_ids(env, "billing_id = 1")) == 25
@@ -320,18 +328,12 @@ def test_a_cancel_stops_between_batches_and_keeps_what_was_done(
     operator, env_with_runs, small_batches
 ) -> None:
     env = env_with_runs
-    plan = release.release_plan_prepare(actor=operator, env=env, run_ids=[1], system_only=False)
-    job = release.release_request(actor=operator, plan_id=plan.pk, digest=plan.digest)
-    claimed = services.job_claim(job_id=job.pk, worker="test")
-    ctx = services.JobContext(claimed, env)
-    original = ctx.progress
-
-    def progress(done, total=None, message=""):
-        original(done, total, message)
-        if done:  # after the first batch, someone presses Cancel
-            Job.objects.filter(pk=job.pk).update(cancel_requested=True)
-
-    ctx.progress = progress  # type: ignore[method-assign]
+    # After the first batch, someone presses Cancel.
+    plan, ctx = claimed_release(
+        operator,
+        env,
+        after_first_batch=lambda job: Job.objects.filter(pk=job.pk).update(cancel_requested=True),
+    )
     with pytest.raises(services.JobCancelled):
         release.lock_release_execute(ctx)
     assert LockReleaseBatch.objects.filter(plan=plan, status="done").count() == 1
