@@ -73,3 +73,11 @@ def test_healthz_says_503_when_redis_is_down(settings) -> None:
     response = Client().get("/healthz")
     assert response.status_code == 503
     assert json.loads(response.content)["redis"]["ok"] is False
+
+
+def test_healthz_says_503_when_no_worker_has_reported_in(settings) -> None:
+    settings.WORKER_HEARTBEAT_KEY_PREFIX = "billing_ops:worker:no-such-queue:"
+    response = Client().get("/healthz")
+    report = json.loads(response.content)
+    assert report["redis"]["ok"] is True and report["workers"] == []
+    assert response.status_code == 503 and report["ok"] is False

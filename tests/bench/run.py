@@ -14,9 +14,11 @@ import django
 def main() -> int:
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "billing_ops.settings")
     django.setup()
-    from tests.bench import bench_locks, bench_release
+    from tests.bench import bench_locks, bench_release, bench_seed
 
-    names = sys.argv[1:] or ["locks", "release"]
+    names = sys.argv[1:] or ["seed", "locks", "release"]
+    if "seed" in names:
+        bench_seed.main()
     if "locks" in names:
         bench_locks.main()
     if "release" in names:
