@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from django.conf import settings
 from django.db import models
 
 
@@ -24,3 +25,54 @@ class InvoiceLine(models.Model):
 
     def __str__(self) -> str:
         return f"{self.invoice_id}/{self.unit_id}/{self.line_type}"
+
+
+class UpsertRunStatus(models.TextChoices):
+    RUNNING = "running", "running"
+    SUCCEEDED = "succeeded", "succeeded"
+    FAILED = "failed", "failed"
+
+
+class UpsertRun(models.Model):
+    """One batch upsert of missing invoice lines (runbook §3), in the dashboard's database.
+
+    A real run's ``run_id`` is unique per environment, whether it succeeded or failed
+    (runbook §5.3: a retry takes a new run id); dry runs reserve nothing.
+    """
+
+    environment = models.CharField(max_length=200)
+    run_id = models.CharField(max_length=200)
+    dry_run = models.BooleanField(default=False)
+    job = models.ForeignKey(
+        "billing_ops.Job", on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    requested_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, null=True, blank=True, related_name="+"
+    )
+    status = models.CharField(max_length=16, choices=UpsertRunStatus.choices, default=UpsertRunStatus.RUNNING)
+    csv_name = models.CharField(max_length=500)
+    csv_sha256 = models.CharField(max_length=64, blank=True)
+    csv_bytes = models.BigIntegerField(default=0)
+    batch_size = models.PositiveIntegerField()
+    rows_streamed = models.BigIntegerField(default=0)
+    inserted = models.BigIntegerField(default=0)
+    updated = models.BigIntegerField(default=0)
+    unchanged = models.BigIntegerField(default=0)
+    duplicates = models.BigIntegerField(default=0)
+    duration_ms = models.BigIntegerField(null=True, blank=True)
+    started_at = models.DateTimeField(auto_now_add=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    error = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["environment", "run_id"],
+                condition=models.Q(dry_run=False),
+                name="upsert_run_id_unique_per_environment",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.environment}:{self.run_id}"

@@ -52,6 +52,7 @@ MATRIX: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "metrics": ("GET", {"anonymous": 401, "nobody": 401, "viewer": 200, "operator": 200, "approver": 200}),
     "environment_detail": ("GET", READ_ONLY),
+    "reconciliation_home": ("GET", READ_ONLY),
     "job_list": ("GET", READ_ONLY),
     "approval_list": ("GET", READ_ONLY),
     "job_detail": ("GET", READ_ONLY),
@@ -85,6 +86,27 @@ MATRIX: dict[str, tuple[str, dict[str, Any]]] = {
         },
     ),
 }
+
+
+# Path parameters: the environment and job at hand; any other object does not exist, so an
+# allowed request answers 404 (what such a view does with the object is tested elsewhere).
+NO_SUCH_OBJECT = 424242
+NO_SUCH_JOB = {"release_restore"}  # needs a finished release job: 404 once allowed
+
+
+def url_kwargs(name: str, *, env_key: str, job_id: int) -> dict[str, Any]:
+    (possibility, *_), *_ = get_resolver().reverse_dict.getlist(name)
+    kwargs: dict[str, Any] = {}
+    for param in possibility[0][1]:
+        if param == "env_key":
+            kwargs[param] = env_key
+        elif param == "fmt":
+            kwargs[param] = "json"
+        elif param == "job_id" and name not in NO_SUCH_JOB:
+            kwargs[param] = job_id
+        else:
+            kwargs[param] = NO_SUCH_OBJECT
+    return kwargs
 
 
 def all_url_names() -> set[str]:
@@ -135,21 +157,7 @@ def test_permission_matrix(
     job = waiting_job(requester, unprotected_env.key)
     if name == "job_cancel" and role == "operator":
         pass  # someone else's job: an operator may cancel only their own (tested below)
-    kwargs = {"job_id": job.pk} if name.startswith("job_") and name not in ("job_list",) else {}
-    if name in ("environment_detail", "stuck_runs", "suspicious_runs", "locks_without_run", "procedure"):
-        kwargs = {"env_key": unprotected_env.key}
-    if name == "report_download":
-        kwargs = {"fmt": "json"}
-    if name in ("release_preview",):
-        kwargs = {"env_key": unprotected_env.key}
-    if name in ("release_plan", "release_confirm"):
-        kwargs = {"env_key": unprotected_env.key, "plan_id": 424242}  # no such plan: 404 once allowed
-    if name == "release_restore":
-        kwargs = {"job_id": 424242}
-    if name == "alert_acknowledge":
-        kwargs = {"alert_id": 424242}  # no such alert: 404 once allowed (acknowledging is tested with alerts)
-    if name == "run_detail":
-        kwargs = {"env_key": unprotected_env.key, "run_id": 424242}  # no such run: 404 once allowed
+    kwargs = url_kwargs(name, env_key=unprotected_env.key, job_id=job.pk)
     from django.urls import reverse
 
     url = reverse(name, kwargs=kwargs)
