@@ -2,22 +2,29 @@
 
 Every ``audit_logs`` row links to the one before it in ``created_at`` order: its
 ``previous_hash`` is that row's ``hash`` (runbook §5.4). For rows the dashboard writes,
-``hash`` is also recomputable from the row itself:
+``hash`` is also recomputable from the row itself, in two steps:
 
-    hash = sha256_hex(utf8(canonical_json))
+    content_hash = sha256_hex(utf8(canonical_json))
+    hash         = sha256_hex(ascii((previous_hash or "") + content_hash))
+
     canonical_json = JSON of the object
-        {"action": ..., "created_at": ..., "new_data": ..., "old_data": ...,
-         "previous_hash": ..., "record_id": ...}
+        {"action": ..., "created_at": ..., "new_data": ..., "old_data": ..., "record_id": ...}
       - keys sorted at every level, separators "," and ":" (no spaces), non-ASCII kept
-        as UTF-8 (not \\u escapes);
+        as UTF-8 (not \\u escapes); control characters, '"' and '\\' escaped as JSON requires
+        (\\n, \\t, \\u001f, ...), lower-case hex;
       - created_at in UTC as "YYYY-MM-DDTHH:MM:SS.ffffffZ" (always six fraction digits),
         so the session's TimeZone and DateStyle never change the hash;
       - every value inside old_data/new_data is a JSON string (numbers are written as the
-        column's text, e.g. "10.50"), so 10.5 and 10.50 never hash alike by accident and
-        no float rounding enters;
-      - previous_hash is null for the first row of a chain.
+        column's text, e.g. "10.500000" for numeric(18, 6)), so 10.5 and 10.50 hash alike
+        and no float rounding enters;
+      - previous_hash is "" for the first row of a chain (and null in the column).
 
-Rows the dashboard writes carry ``"hash_scheme": "billing-ops/1"`` in ``new_data``; rows
+The content hash does not depend on the chain, so it can be computed for a million rows
+at once in SQL (``reconciliation.upsert`` does: PostgreSQL's ``to_json(text)`` escapes
+strings exactly as Python's ``json.dumps(..., ensure_ascii=False)``); only the cheap
+second step runs in order.
+
+Rows the dashboard writes carry ``"hash_scheme": "billing-ops/2"`` in ``new_data``; rows
 of other writers (whose formula is unknown) are checked for linkage only.
 
 The dashboard's own audit trail (``audit.models.AuditEntry`` in ``default``) is chained
@@ -32,7 +39,7 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
-HASH_SCHEME = "billing-ops/1"
+HASH_SCHEME = "billing-ops/2"
 
 
 def format_created_at(value: datetime) -> str:
@@ -48,7 +55,6 @@ def canonical_json(
     old_data: dict[str, Any] | None,
     new_data: dict[str, Any] | None,
     created_at: datetime,
-    previous_hash: str | None,
 ) -> str:
     return json.dumps(
         {
@@ -56,7 +62,6 @@ def canonical_json(
             "created_at": format_created_at(created_at),
             "new_data": new_data,
             "old_data": old_data,
-            "previous_hash": previous_hash,
             "record_id": record_id,
         },
         sort_keys=True,
@@ -65,8 +70,18 @@ def canonical_json(
     )
 
 
-def entry_hash(**fields: Any) -> str:
+def content_hash(**fields: Any) -> str:
+    """sha256 of the row's canonical JSON (everything but its place in the chain)."""
     return hashlib.sha256(canonical_json(**fields).encode("utf-8")).hexdigest()
+
+
+def chain_hash(previous_hash: str | None, content: str) -> str:
+    """The row's hash: its content hash chained to the hash of the row before it."""
+    return hashlib.sha256(((previous_hash or "") + content).encode("ascii")).hexdigest()
+
+
+def entry_hash(*, previous_hash: str | None, **fields: Any) -> str:
+    return chain_hash(previous_hash, content_hash(**fields))
 
 
 def is_ours(new_data: dict[str, Any] | None) -> bool:

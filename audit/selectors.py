@@ -62,7 +62,7 @@ from django.db import connection, connections, transaction
 from django.db.models import QuerySet, TextField, Value
 from django.db.models.functions import Coalesce
 
-from audit.chain import entry_hash, format_created_at, is_ours
+from audit.chain import chain_hash, content_hash, format_created_at, is_ours
 from audit.models import AuditEntry, AuditLog
 from audit.services import CHAIN_DATESTYLE, audit_entry_fields
 from billing_ops.environments import Environment
@@ -296,8 +296,11 @@ def _read_times_as_django_does(db: Any) -> None:
 def _rehasher(fields: dict[str, Any]) -> Callable[[str | None], str]:
     """The row's hash as it would be with another ``previous_hash``."""
 
+    fields = {k: v for k, v in fields.items() if k != "previous_hash"}
+    content = content_hash(**fields)
+
     def rehash(previous_hash: str | None) -> str:
-        return entry_hash(**{**fields, "previous_hash": previous_hash})
+        return chain_hash(previous_hash, content)
 
     return rehash
 

@@ -101,3 +101,16 @@ LOCK_RESTORE = register(
         worker_lost_note=_("The restore is one transaction: nothing was restored; it is safe to run again."),
     )
 )
+
+INVOICE_UPSERT = register(
+    JobKind(
+        name="invoice_upsert",
+        label=_("Upsert missing invoice lines"),
+        handler="reconciliation.services.upsert_execute",
+        destructive=True,
+        on_settled="reconciliation.services.upsert_settled",
+        worker_lost_note=_(
+            "The upsert is one transaction: nothing was committed. Run it again with a new run id."
+        ),
+    )
+)

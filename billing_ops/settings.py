@@ -281,6 +281,17 @@ CELERY_BEAT_SCHEDULE["deliver-notifications"] = {
 }
 # --- End of notifications -------------------------------------------------------------------
 
+# --- Reconciliation ------------------------------------------------------------------------
+# Uploaded CSVs wait here (random names, outside the web root) until their job settles.
+UPLOAD_DIR = Path(os.environ.get("BILLING_OPS_UPLOAD_DIR") or VAR_DIR / "uploads")
+RECONCILIATION_MAX_CSV_BYTES = env_int("BILLING_OPS_MAX_CSV_BYTES", 2 * 1024**3, minimum=1024)
+RECONCILIATION_BATCH_SIZE = env_int("BILLING_OPS_UPSERT_BATCH_SIZE", 50_000, minimum=1)
+# The whole upsert is one transaction; a statement in it may run this long.
+UPSERT_STATEMENT_TIMEOUT_MS = env_int("BILLING_OPS_UPSERT_STATEMENT_TIMEOUT_MS", 30 * 60_000, minimum=1000)
+# How long the upsert waits for a row or table another session holds (runbook §5.2).
+UPSERT_LOCK_TIMEOUT_MS = env_int("BILLING_OPS_UPSERT_LOCK_TIMEOUT_MS", 60_000, minimum=100)
+# --- End of reconciliation --------------------------------------------------------------------
+
 # --- Auth, i18n, static ------------------------------------------------------------------
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},

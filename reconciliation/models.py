@@ -28,6 +28,7 @@ class InvoiceLine(models.Model):
 
 
 class UpsertRunStatus(models.TextChoices):
+    PENDING = "pending", "pending"
     RUNNING = "running", "running"
     SUCCEEDED = "succeeded", "succeeded"
     FAILED = "failed", "failed"
@@ -49,7 +50,7 @@ class UpsertRun(models.Model):
     requested_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.PROTECT, null=True, blank=True, related_name="+"
     )
-    status = models.CharField(max_length=16, choices=UpsertRunStatus.choices, default=UpsertRunStatus.RUNNING)
+    status = models.CharField(max_length=16, choices=UpsertRunStatus.choices, default=UpsertRunStatus.PENDING)
     csv_name = models.CharField(max_length=500)
     csv_sha256 = models.CharField(max_length=64, blank=True)
     csv_bytes = models.BigIntegerField(default=0)

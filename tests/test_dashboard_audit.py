@@ -185,14 +185,16 @@ def test_the_hash_is_the_documented_canonical_form_of_the_row() -> None:
                 "params": {"cron": "0 2 * * *"},
             },
             "old_data": None,
-            "previous_hash": None,
             "record_id": "schedule:cleanup",
         },
         sort_keys=True,
         separators=(",", ":"),
         ensure_ascii=False,
     )
-    assert entry.hash == hashlib.sha256(canonical.encode()).hexdigest()
+    content = hashlib.sha256(canonical.encode()).hexdigest()
+    previous = AuditEntry.objects.filter(created_at__lt=entry.created_at).order_by("-created_at").first()
+    assert entry.previous_hash == (previous.hash if previous else None)
+    assert entry.hash == hashlib.sha256(((entry.previous_hash or "") + content).encode()).hexdigest()
 
 
 def test_it_stores_every_leaf_of_params_and_outcome_as_a_string() -> None:

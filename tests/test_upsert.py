@@ -1,0 +1,481 @@
+"""The batch upsert of missing invoice lines (runbook §3) against a real environment database.
+
+The runbook's own queries (§4.1, §4.2, §5.4) are run verbatim on what it wrote.
+"""
+
+from __future__ import annotations
+
+import threading
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from django.core.management import CommandError, call_command
+
+from audit.chain import entry_hash
+from audit.selectors import environment_chain_verify
+from billing_ops.environments import Environment, environment_connect
+from billing_ops.models import Job, JobLogLine, JobStatus
+from billing_ops.services import job_execute
+from reconciliation.csvfile import CsvError, read_header
+from reconciliation.models import UpsertRun, UpsertRunStatus
+from reconciliation.services import file_chunks, upsert_request
+from reconciliation.upsert import UpsertRefused, batch_upsert
+from tests.conftest import _test_url, make_user
+
+pytestmark = pytest.mark.django_db(transaction=True, databases="__all__")
+
+HEADER = "invoice_id,unit_id,line_type,description,quantity,amount\n"
+
+# Runbook §4.1 and §4.2, verbatim but for the run id.
+RUNBOOK_4_1_TOTAL = "SELECT COUNT(*) AS total_lines FROM invoice_lines;"
+RUNBOOK_4_1_DUPLICATES = """
+SELECT COUNT(*) FROM (
+  SELECT invoice_id, unit_id, line_type,
+         normalized_description
+  FROM invoice_lines
+  GROUP BY 1, 2, 3, 4
+  HAVING COUNT(*) > 1
+) sub;
+"""
+RUNBOOK_4_2 = """
+SELECT action,
+       (new_data->>'operation') AS op,
+       (new_data->>'run_id') AS run_id,
+       COUNT(*) AS cnt
+FROM audit_logs
+WHERE action = 'upsert_missing_lines'
+  AND new_data->>'run_id' = '{run_id}'
+GROUP BY 1, 2, 3;
+"""
+# Runbook §5.4 over the whole table (its LIMIT 100 dropped).
+RUNBOOK_5_4 = """
+SELECT id, hash, previous_hash,
+       LAG(hash) OVER (ORDER BY created_at) AS expected_previous
+FROM audit_logs
+ORDER BY created_at DESC
+"""
+
+
+class Recorder:
+    def __init__(self, cancel_after_batch: int | None = None) -> None:
+        self.lines: list[str] = []
+        self.cancel_after_batch = cancel_after_batch
+        self.batches = 0
+
+    def log(self, message: str) -> None:
+        self.lines.append(message)
+
+    def progress(self, done: int, total: int | None = None, message: str = "") -> None:
+        if message.startswith("Batch"):
+            self.batches += 1
+
+    def check_cancel(self) -> None:
+        pass
+
+
+def write_csv(tmp_path: Path, body: str, *, name: str = "missing_lines.csv", header: str = HEADER) -> Path:
+    path = tmp_path / name
+    path.write_bytes((header + body).encode("utf-8"))
+    return path
+
+
+def run(
+    env: Environment,
+    path: Path,
+    *,
+    run_id: str = "run-1",
+    batch_size: int = 50_000,
+    dry_run: bool = False,
+    report: Recorder | None = None,
+) -> Any:
+    report = report or Recorder()
+    with environment_connect(env) as conn:
+        return batch_upsert(
+            conn,
+            csv_path=path,
+            csv_name=path.name,
+            header=read_header(path),
+            run_id=run_id,
+            batch_size=batch_size,
+            dry_run=dry_run,
+            report=report,
+        )
+
+
+def query(env: Environment, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
+    with environment_connect(env) as conn, conn.cursor() as cur:
+        cur.execute(sql, params)
+        return cur.fetchall() if cur.description else []
+
+
+def existing_line(
+    env: Environment, invoice: str, unit: str, line_type: str, description: str, q: str, a: str
+) -> str:
+    rows = query(
+        env,
+        r"""
+        INSERT INTO invoice_lines
+               (invoice_id, unit_id, line_type, description, normalized_description, quantity, amount)
+        VALUES (%s, %s, %s, %s, regexp_replace(lower(trim(%s)), '\s+', ' ', 'g'), %s, %s) RETURNING id::text
+        """,
+        [invoice, unit, line_type, description, description, q, a],
+    )
+    return rows[0][0]
+
+
+def snapshot(env: Environment) -> tuple[Any, ...]:
+    lines = query(env, "SELECT id, description, quantity, amount FROM invoice_lines ORDER BY id")
+    audit = query(env, "SELECT id, hash FROM audit_logs ORDER BY id")
+    return (lines, audit)
+
+
+def assert_chain_intact(env: Environment) -> None:
+    broken = [row for row in query(env, RUNBOOK_5_4)[:-1] if row[2] != row[3]]
+    assert broken == []
+    report = environment_chain_verify(env=env)
+    assert report.intact, report.damages
+
+
+@pytest.fixture
+def env(unprotected_env: Environment, clean_environments: None) -> Environment:
+    return unprotected_env
+
+
+def test_inserts_updates_and_leaves_identical_lines_alone(env, tmp_path) -> None:
+    updated_id = existing_line(env, "INV-1", "U-1", "ENERGY", "Active energy  Jan", "10.5", "5.00")
+    same_id = existing_line(env, "INV-1", "U-1", "TAX", "Excise tax", "1", "2.10")
+    path = write_csv(
+        tmp_path,
+        # messy case and whitespace: the same key as the existing ENERGY line, new values
+        '"INV-1",U-1,ENERGY,"  ACTIVE energy\tJAN ",11.25,6.50\r\n'
+        "INV-1,U-1,TAX,Excise tax,1.000,2.1\r\n"  # identical after numeric equality: unchanged
+        'INV-2,U-9,FEE,"Meter fee, with comma",2,3.00\r\n'
+        'INV-3,U-9,FEE,"two\nlines",1,1\r\n',
+    )
+    report = Recorder()
+    outcome = run(env, path, run_id="manual-20260208-fix42", report=report)
+
+    assert (outcome.rows_streamed, outcome.inserted, outcome.updated, outcome.unchanged) == (4, 2, 1, 1)
+    assert report.lines[0] == "[batch_upsert] Loading CSV: missing_lines.csv"
+    assert report.lines[1] == "[batch_upsert] COPY streamed 4 rows into tmp_invoice_lines"
+    assert report.lines[2].startswith("[batch_upsert] Upsert complete: 2 inserted, 1 updated (")
+    assert "[batch_upsert] Audit logs written for run_id=manual-20260208-fix42" in report.lines
+    assert report.lines[-1] == "[batch_upsert] Done."
+
+    assert query(env, RUNBOOK_4_1_TOTAL) == [(4,)]
+    assert query(env, RUNBOOK_4_1_DUPLICATES) == [(0,)]
+    assert sorted(query(env, RUNBOOK_4_2.format(run_id="manual-20260208-fix42"))) == [
+        ("upsert_missing_lines", "insert", "manual-20260208-fix42", 2),
+        ("upsert_missing_lines", "update", "manual-20260208-fix42", 1),
+    ]
+    (line,) = query(
+        env,
+        "SELECT description, normalized_description, quantity, amount FROM invoice_lines WHERE id = %s",
+        [updated_id],
+    )
+    assert line == ("  ACTIVE energy\tJAN ", "active energy jan", Decimal("11.250000"), Decimal("6.50"))
+    ((old, new),) = query(env, "SELECT old_data, new_data FROM audit_logs WHERE record_id = %s", [updated_id])
+    assert old == {
+        "invoice_id": "INV-1",
+        "unit_id": "U-1",
+        "line_type": "ENERGY",
+        "description": "Active energy  Jan",
+        "quantity": "10.500000",
+        "amount": "5.00",
+    }
+    assert (
+        new["operation"] == "update"
+        and new["quantity"] == "11.250000"
+        and new["run_id"] == "manual-20260208-fix42"
+    )
+    assert query(env, "SELECT count(*) FROM audit_logs WHERE record_id = %s", [same_id]) == [(0,)]
+    (quoted,) = query(env, "SELECT description FROM invoice_lines WHERE invoice_id = 'INV-3'")
+    assert quoted == ("two\nlines",)
+    assert_chain_intact(env)
+
+
+def test_keys_that_collide_after_normalization_keep_the_last_row_in_one_batch_and_across_batches(
+    env, tmp_path
+) -> None:
+    body = (
+        "INV-1,U-1,ENERGY,Active energy,1,1\n"
+        "INV-1,U-1,NETWORK,Network,1,1\n"
+        "INV-1,U-1,ENERGY,  active   ENERGY ,2,2\n"  # same key as row 1
+        "INV-2,U-1,ENERGY,x,1,1\n"
+        "INV-2,U-1,ENERGY,X,3,3\n"  # same key as row 4
+        "INV-1,U-1,ENERGY,ACTIVE ENERGY,4,4\n"  # same key as rows 1 and 3: this one wins
+    )
+    for batch_size, run_id in ((50_000, "one-batch"), (1, "many-batches")):
+        query(env, "TRUNCATE invoice_lines, audit_logs")
+        outcome = run(env, write_csv(tmp_path, body), run_id=run_id, batch_size=batch_size)
+        assert (outcome.inserted, outcome.updated, outcome.duplicates) == (3, 0, 3)
+        assert {tuple(d["rows"]) for d in outcome.duplicate_examples} == {(1, 3, 6), (4, 5)}
+        assert query(
+            env,
+            "SELECT description, quantity FROM invoice_lines"
+            " WHERE invoice_id = 'INV-1' AND line_type = 'ENERGY'",
+        ) == [("ACTIVE ENERGY", Decimal("4.000000"))]
+        assert query(env, "SELECT description FROM invoice_lines WHERE invoice_id = 'INV-2'") == [("X",)]
+    assert outcome.batches == 3
+
+
+@pytest.mark.parametrize(
+    ("row", "line", "column", "problem"),
+    [
+        ("INV-9,U-1,FEE,fee,abc,1", 4, "quantity", "not a plain decimal number"),
+        ('INV-9,U-1,FEE,fee,1,"1,5"', 4, "amount", "not a plain decimal number"),
+        ("INV-9,U-1,FEE,fee,1,-2", 4, "amount", "negative"),
+        ("INV-9,U-1,FEE,fee,1,NaN", 4, "amount", "not a number"),
+        ("INV-9,U-1,FEE,fee,1,99999999999999999999", 4, "amount", "too large"),
+        ("INV-9,,FEE,fee,1,1", 4, "unit_id", "missing"),
+        ('INV-9,"",FEE,fee,1,1', 4, "unit_id", "empty"),
+        ("INV-9,U-1,FEE,fee,1", 4, None, "missing data for column"),
+        ("INV-9,U-1,FEE,fee,1,1,1", 4, None, "extra data"),
+        ("INV-9,U-1,FEE," + "d" * 2001 + ",1,1", 4, "description", "longer than 2,000"),
+    ],
+)
+def test_a_bad_value_names_its_line_and_column_and_nothing_is_written(
+    env, tmp_path, row, line, column, problem
+) -> None:
+    existing_line(env, "INV-1", "U-1", "ENERGY", "a", "1", "1")
+    before = snapshot(env)
+    # Row 2 spans two lines: the bad row is on line 4 of the file.
+    path = write_csv(tmp_path, 'INV-1,U-1,ENERGY,"a\nb",2,2\n' + row + "\n")
+    with pytest.raises(CsvError) as caught:
+        run(env, path)
+    assert (caught.value.line, caught.value.column) == (line, column)
+    assert problem in str(caught.value) and "missing_lines.csv, line 4" in str(caught.value)
+    assert snapshot(env) == before
+
+
+def test_not_utf8_is_refused_with_its_line(env, tmp_path) -> None:
+    path = tmp_path / "latin1.csv"
+    path.write_bytes(HEADER.encode() + "INV-1,U-1,FEE,Gebühr,1,1\n".encode("latin-1"))
+    with pytest.raises(CsvError, match=r"latin1.csv, line 2: .*UTF8"):
+        run(env, path)
+    assert snapshot(env) == ([], [])
+
+
+def test_a_failure_in_a_later_batch_rolls_back_the_earlier_ones_and_writes_no_audit(env, tmp_path) -> None:
+    existing_line(env, "INV-0", "U-1", "FEE", "fee", "1", "1")
+    query(
+        env,
+        """
+        CREATE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.invoice_id = 'INV-BOOM' THEN RAISE EXCEPTION 'injected failure'; END IF;
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER boom BEFORE INSERT ON invoice_lines FOR EACH ROW EXECUTE FUNCTION boom();
+        """,
+    )
+    try:
+        before = snapshot(env)
+        body = "".join(f"INV-{n},U-1,FEE,fee,1,1\n" for n in range(1, 9)) + "INV-BOOM,U-1,FEE,fee,1,1\n"
+        report = Recorder()
+        with pytest.raises(psycopg.errors.RaiseException, match="injected failure"):
+            run(env, write_csv(tmp_path, body), batch_size=2, report=report)
+        assert report.batches >= 4  # batches before the failing one ran, and were rolled back
+        assert snapshot(env) == before
+    finally:
+        query(env, "DROP TRIGGER boom ON invoice_lines; DROP FUNCTION boom()")
+
+
+def test_a_dry_run_reports_the_real_counts_and_changes_nothing(env, tmp_path) -> None:
+    existing_line(env, "INV-1", "U-1", "ENERGY", "old", "1", "1")
+    path = write_csv(tmp_path, "INV-1,U-1,ENERGY,OLD,2,2\nINV-2,U-1,FEE,fee,1,1\nINV-3,U-1,FEE,fee,1,1\n")
+    before = snapshot(env)
+    report = Recorder()
+    dry = run(env, path, run_id="try", dry_run=True, report=report)
+    assert snapshot(env) == before
+    assert any("Dry run: rolled back" in line for line in report.lines)
+    real = run(env, path, run_id="real")
+    assert (
+        (dry.inserted, dry.updated, dry.unchanged)
+        == (real.inserted, real.updated, real.unchanged)
+        == (2, 1, 0)
+    )
+
+
+def test_the_upsert_refuses_to_start_without_a_valid_dedup_index(env, tmp_path) -> None:
+    path = write_csv(tmp_path, "INV-1,U-1,FEE,fee,1,1\n")
+    query(env, "DROP INDEX idx_invoice_lines_dedup")
+    try:
+        with pytest.raises(UpsertRefused, match="idx_invoice_lines_dedup"):
+            run(env, path)
+        # A failed CONCURRENTLY build leaves an invalid index behind.
+        query(
+            env,
+            "INSERT INTO invoice_lines (invoice_id, unit_id, line_type, description, normalized_description) "
+            "VALUES ('I', 'U', 'T', 'd', 'd'), ('I', 'U', 'T', 'd', 'd')",
+        )
+        with environment_connect(env, autocommit=True) as conn, pytest.raises(psycopg.errors.UniqueViolation):
+            conn.execute(
+                "CREATE UNIQUE INDEX CONCURRENTLY idx_invoice_lines_dedup "
+                "ON invoice_lines (invoice_id, unit_id, line_type, normalized_description)"
+            )
+        assert query(
+            env, "SELECT indisvalid FROM pg_index WHERE indexrelid = 'idx_invoice_lines_dedup'::regclass"
+        ) == [(False,)]
+        with pytest.raises(UpsertRefused, match="idx_invoice_lines_dedup"):
+            run(env, path)
+        assert query(env, "SELECT count(*) FROM invoice_lines") == [(2,)]
+    finally:
+        query(
+            env,
+            "DROP INDEX IF EXISTS idx_invoice_lines_dedup; TRUNCATE invoice_lines; "
+            "CREATE UNIQUE INDEX idx_invoice_lines_dedup "
+            "ON invoice_lines (invoice_id, unit_id, line_type, normalized_description)",
+        )
+
+
+def test_two_runs_appending_at_once_keep_one_chain(env, tmp_path) -> None:
+    for n in range(3):  # another writer's rows before
+        query(
+            env,
+            "INSERT INTO audit_logs (action, record_id, hash, previous_hash) "
+            "SELECT 'other', %s, md5(%s), (SELECT hash FROM audit_logs ORDER BY created_at DESC LIMIT 1)",
+            [str(n), str(n)],
+        )
+    paths = [
+        write_csv(tmp_path, "".join(f"INV-{k}-{n},U-1,FEE,fee,1,1\n" for n in range(3000)), name=f"f{k}.csv")
+        for k in range(2)
+    ]
+    errors: list[BaseException] = []
+
+    def one(k: int) -> None:
+        try:
+            run(env, paths[k], run_id=f"concurrent-{k}", batch_size=500)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert query(env, "SELECT count(*) FROM audit_logs") == [(6003,)]
+    assert query(env, "SELECT count(DISTINCT created_at) FROM audit_logs") == [(6003,)]
+    assert_chain_intact(env)
+
+
+def test_the_hash_ignores_the_session_time_zone_and_date_style_and_trailing_zeros(env, tmp_path) -> None:
+    run(env, write_csv(tmp_path, 'INV-1,U-1,FEE,"Fee ""quoted"" é\\",10.50,1.5\n'), run_id="first")
+    # Recomputed in Python from rows read by a session set up as unlike UTC/ISO as possible.
+    with environment_connect(env) as conn, conn.cursor(binary=True) as cur:
+        cur.execute("SET TimeZone = 'Pacific/Chatham'")
+        cur.execute("SET DateStyle = 'SQL, DMY'")
+        cur.execute(
+            "SELECT action, record_id, old_data, new_data, created_at, previous_hash, hash FROM audit_logs"
+        )
+        ((action, record_id, old, new, created_at, previous, digest),) = cur.fetchall()
+    assert digest == entry_hash(
+        action=action,
+        record_id=record_id,
+        old_data=old,
+        new_data=new,
+        created_at=created_at,
+        previous_hash=previous,
+    )
+    assert new["description"] == 'Fee "quoted" é\\' and new["quantity"] == "10.500000"
+    # 10.5 is the same quantity as 10.50: nothing to rewrite, nothing to audit.
+    again = run(env, write_csv(tmp_path, 'INV-1,U-1,FEE,"Fee ""quoted"" é\\",10.5,1.50\n'), run_id="second")
+    assert (again.inserted, again.updated, again.unchanged) == (0, 0, 1)
+    assert_chain_intact(env)
+
+
+def test_a_run_id_is_used_once_per_environment(env, tmp_path, inline_jobs) -> None:
+    operator = make_user("op", "Operator")
+    path = write_csv(tmp_path, "INV-1,U-1,FEE,fee,1,1\n")
+
+    def request(run_id: str, dry_run: bool = False) -> Job:
+        return upsert_request(
+            actor=operator,
+            environment=env.key,
+            chunks=file_chunks(path),
+            csv_name=path.name,
+            run_id=run_id,
+            batch_size=10,
+            dry_run=dry_run,
+        )
+
+    job = request("fix-1")
+    job_execute(job_id=job.pk, worker="test")
+    job.refresh_from_db()
+    assert job.status == JobStatus.SUCCEEDED, job.error
+    run_row = UpsertRun.objects.get(job=job)
+    assert (run_row.status, run_row.inserted, run_row.csv_name) == (
+        UpsertRunStatus.SUCCEEDED,
+        1,
+        "missing_lines.csv",
+    )
+    assert [
+        line.message for line in JobLogLine.objects.filter(job=job, message__startswith="[batch_upsert]")
+    ][-1] == ("[batch_upsert] Done.")
+    from django.core.exceptions import ValidationError
+
+    with pytest.raises(ValidationError, match="already used"):
+        request("fix-1")
+    request("fix-1", dry_run=True)  # a dry run reserves nothing and may reuse it
+    for bad in ("x'; DROP TABLE invoice_lines; --", "../../etc/passwd", ""):
+        with pytest.raises(ValidationError, match="not allowed"):
+            request(bad)
+    # The node script's runs count too: their audit rows hold the run id.
+    with pytest.raises(UpsertRefused, match="already has audit rows"):
+        run(env, path, run_id="fix-1")
+
+
+def test_a_failed_job_says_nothing_was_committed_and_removes_the_upload(env, tmp_path, inline_jobs) -> None:
+    operator = make_user("op", "Operator")
+    path = write_csv(tmp_path, "INV-1,U-1,FEE,fee,1,1\nINV-2,U-1,FEE,fee,x,1\n")
+    job = upsert_request(
+        actor=operator,
+        environment=env.key,
+        chunks=file_chunks(path),
+        csv_name="bad.csv",
+        run_id="bad-1",
+        batch_size=10,
+        dry_run=False,
+    )
+    from reconciliation.services import upload_path
+
+    stored = upload_path(job.params["upload"])
+    assert stored.exists()
+    job_execute(job_id=job.pk, worker="test")
+    job.refresh_from_db()
+    assert job.status == JobStatus.FAILED
+    assert job.error.startswith("bad.csv, line 3, column quantity: is not a plain decimal number")
+    assert job.error.endswith("Nothing was committed.")
+    assert UpsertRun.objects.get(job=job).status == UpsertRunStatus.FAILED
+    assert not stored.exists()
+    assert query(env, "SELECT count(*) FROM invoice_lines") == [(0,)]
+
+
+def test_the_command_prints_the_runbook_lines(env, tmp_path, inline_jobs, capsys) -> None:
+    make_user("operator1", "Operator")
+    path = write_csv(tmp_path, "INV-1,U-1,FEE,fee,1,1\n")
+    call_command(
+        "batch_upsert", "--csv", str(path), "--run-id", "cli-1", "--env", env.key, "--actor", "operator1"
+    )
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "[batch_upsert] Loading CSV: missing_lines.csv"
+    assert out[1] == "[batch_upsert] COPY streamed 1 rows into tmp_invoice_lines"
+    assert out[-1] == "[batch_upsert] Done."
+    url = _test_url(env.alias)
+    call_command(
+        "batch_upsert", "--csv", str(path), "--run-id", "cli-2", "--database-url", url, "--actor", "operator1"
+    )
+    assert (
+        capsys.readouterr()
+        .out.splitlines()[2]
+        .startswith("[batch_upsert] Upsert complete: 0 inserted, 0 updated")
+    )
+    with pytest.raises(CommandError, match="line 2, column amount"):
+        bad = write_csv(tmp_path, "INV-1,U-1,FEE,fee,1,x\n", name="bad.csv")
+        call_command(
+            "batch_upsert", "--csv", str(bad), "--run-id", "cli-3", "--env", env.key, "--actor", "operator1"
+        )
