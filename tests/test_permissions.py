@@ -53,6 +53,12 @@ MATRIX: dict[str, tuple[str, dict[str, Any]]] = {
     "metrics": ("GET", {"anonymous": 401, "nobody": 401, "viewer": 200, "operator": 200, "approver": 200}),
     "environment_detail": ("GET", READ_ONLY),
     "reconciliation_home": ("GET", READ_ONLY),
+    "upsert_runs": ("GET", READ_ONLY),
+    "upsert_audit_rows": ("GET", {**READ_ONLY, "viewer": 404, "operator": 404, "approver": 404}),
+    "upsert_new": (
+        "GET",
+        {"anonymous": "login", "nobody": 403, "viewer": 403, "operator": 200, "approver": 403},
+    ),
     "job_list": ("GET", READ_ONLY),
     "approval_list": ("GET", READ_ONLY),
     "job_detail": ("GET", READ_ONLY),

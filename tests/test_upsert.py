@@ -479,3 +479,40 @@ def test_the_command_prints_the_runbook_lines(env, tmp_path, inline_jobs, capsys
         call_command(
             "batch_upsert", "--csv", str(bad), "--run-id", "cli-3", "--env", env.key, "--actor", "operator1"
         )
+
+
+def test_the_form_queues_an_upsert_and_the_pages_show_its_outcome(env, tmp_path, inline_jobs) -> None:
+    from django.core.files.uploadedfile import SimpleUploadedFile
+    from django.test import Client
+
+    operator, viewer = make_user("op", "Operator"), make_user("viewer", "Viewer")
+    client = Client()
+    client.force_login(operator)
+    url = f"/environments/{env.key}/reconciliation/upsert/"
+    body = (HEADER + "INV-1,U-1,FEE,fee,1,1\nINV-1,U-1,FEE,FEE ,2,2\n").encode()
+
+    def post(data: bytes, run_id: str, c: Client = client) -> Any:
+        upload = SimpleUploadedFile("lines.csv", data, content_type="text/csv")
+        return c.post(url, {"csv": upload, "run_id": run_id, "batch_size": "100"})
+
+    # A bad header is reported on the form, with its line and column; nothing is recorded.
+    response = post(b"invoice_id,unit_id,line_type,description,quantity,amount,colour\n", "web-0")
+    assert response.status_code == 200
+    assert "lines.csv, line 1, column colour: unknown column &#x27;colour&#x27;" in response.content.decode()
+    assert not Job.objects.exists() and not UpsertRun.objects.exists()
+
+    response = post(body, "web-1")
+    job = Job.objects.get()
+    assert response.status_code == 302 and response["Location"] == f"/jobs/{job.pk}/"
+    job_execute(job_id=job.pk, worker="test")
+    page = client.get(f"/jobs/{job.pk}/").content.decode()
+    assert "Keys repeated in the file" in page and "[batch_upsert] Done." in page
+
+    viewing = Client()
+    viewing.force_login(viewer)
+    assert post(body, "web-2", viewing).status_code == 403
+    runs = viewing.get(f"/environments/{env.key}/reconciliation/runs/").content.decode()
+    assert "web-1" in runs and "web-2" not in runs
+    run_row = UpsertRun.objects.get(run_id="web-1")
+    audit = viewing.get(f"/environments/{env.key}/reconciliation/runs/{run_row.pk}/audit/").content.decode()
+    assert "<strong>insert</strong> 1" in audit and "FEE " in audit
