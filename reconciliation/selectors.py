@@ -32,7 +32,8 @@ def run_audit_rows(env: Environment, run_id: str, *, page: int) -> tuple[list[di
     with connections[env.alias].cursor() as cursor:
         cursor.execute(
             """
-            SELECT id, record_id, new_data ->> 'operation', old_data, new_data, hash, previous_hash, created_at
+            SELECT id, record_id, new_data ->> 'operation', old_data, new_data, hash, previous_hash,
+                   created_at
               FROM public.audit_logs
              WHERE action = %s AND new_data ->> 'run_id' = %s
              ORDER BY created_at, id

@@ -9,7 +9,7 @@ from reconciliation.models import UpsertRun
 class UpsertRunTable(tables.Table):
     run_id = tables.Column(verbose_name=_("Run id"))
     job = tables.Column(
-        linkify=lambda record: record.job and ("job_detail", {"job_id": record.job_id}) or None,
+        linkify=lambda record: ("job_detail", {"job_id": record.job_id}) if record.job_id else None,
         verbose_name=_("Job"),
         accessor="job_id",
     )
