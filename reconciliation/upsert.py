@@ -47,6 +47,7 @@ COPY_CHUNK_BYTES = 1 << 20
 CHAIN_CHUNK_ROWS = 100_000
 DUPLICATE_EXAMPLES = 20
 PREFIX = "[batch_upsert]"
+TEMP_BUFFERS = "1GB"  # an upper bound: local buffers are allocated as the tables grow
 
 
 class UpsertRefused(Exception):
@@ -127,8 +128,15 @@ def batch_upsert(
         with conn.transaction(force_rollback=dry_run), conn.cursor() as cur:
             cur.execute(
                 "SELECT set_config('statement_timeout', %s, true), set_config('lock_timeout', %s, true),"
-                " set_config('TimeZone', 'UTC', true), set_config('work_mem', '256MB', true)",
-                [str(settings.UPSERT_STATEMENT_TIMEOUT_MS), str(settings.UPSERT_LOCK_TIMEOUT_MS)],
+                " set_config('TimeZone', 'UTC', true), set_config('work_mem', '256MB', true),"
+                # The staging tables are temporary: without room in temp_buffers (8MB by
+                # default; settable until the session's first temporary table) they spill.
+                " set_config('temp_buffers', %s, true)",
+                [
+                    str(settings.UPSERT_STATEMENT_TIMEOUT_MS),
+                    str(settings.UPSERT_LOCK_TIMEOUT_MS),
+                    TEMP_BUFFERS,
+                ],
             )
             require_dedup_index(cur)
             if run_id_used_in(cur, run_id):
@@ -233,7 +241,8 @@ def _prepare_source(cur: Any) -> int:
         """
         CREATE TEMPORARY TABLE upsert_old (id uuid PRIMARY KEY, invoice_id text, unit_id text, line_type text,
                                            description text, quantity text, amount text) ON COMMIT DROP;
-        CREATE TEMPORARY TABLE upsert_changed (seq bigint, id uuid, inserted boolean, invoice_id text,
+        CREATE TEMPORARY SEQUENCE upsert_k;
+        CREATE TEMPORARY TABLE upsert_changed (k bigint, id uuid, inserted boolean, invoice_id text,
                                                unit_id text, line_type text, description text,
                                                quantity text, amount text) ON COMMIT DROP;
         """
@@ -266,6 +275,7 @@ def _duplicate_examples(cur: Any) -> list[dict[str, Any]]:
 
 def _upsert_batches(cur: Any, *, keys: int, batch_size: int, report: Reporter) -> int:
     batches = -(-keys // batch_size)
+    changed = 0  # upsert_changed.k of the last line changed so far
     for number, low in enumerate(range(0, keys, batch_size), start=1):
         report.check_cancel()
         bounds = {"low": low, "high": low + batch_size}
@@ -298,22 +308,23 @@ def _upsert_batches(cur: Any, *, keys: int, batch_size: int, report: Reporter) -
                           l.quantity::text AS quantity, l.amount::text AS amount
             )
             INSERT INTO upsert_changed
-            SELECT %(low)s + row_number() OVER (), id, inserted, invoice_id, unit_id, line_type, description,
+            SELECT nextval('upsert_k'), id, inserted, invoice_id, unit_id, line_type, description,
                    quantity, amount
               FROM up
             """,
             bounds,
         )
+        written = cur.rowcount
         # An update we hold no old values for: another session inserted the key after we
         # looked. Its old_data would be unknown, so the run stops rather than guess.
         cur.execute(
             """
             SELECT c.invoice_id, c.unit_id, c.line_type FROM upsert_changed c
-             WHERE c.seq > %(low)s AND NOT c.inserted
+             WHERE c.k > %(done)s AND NOT c.inserted
                AND NOT EXISTS (SELECT 1 FROM upsert_old o WHERE o.id = c.id)
              LIMIT 1
             """,
-            bounds,
+            {"done": changed},
         )
         raced = cur.fetchone()
         if raced is not None:
@@ -321,7 +332,9 @@ def _upsert_batches(cur: Any, *, keys: int, batch_size: int, report: Reporter) -
                 "another session inserted line {}/{}/{} while the upsert ran; "
                 "run it again with a new run id".format(*raced)
             )
+        changed += written
         report.progress(number, batches + 1, f"Batch {number} of {batches}")
+    cur.execute("CREATE INDEX ON upsert_changed (k)")
     return batches
 
 
@@ -373,8 +386,24 @@ _CANONICAL = (
 )
 
 
+# One chunk of audit rows, built from the changed lines (not materialized: 1M rows of JSON
+# would be ~500 MB of temporary table). k numbers the changed lines 1..n in upsert order.
+_AUDIT_ROWS = f"""
+    SELECT c.k, c.id::text AS record_id,
+           %(first)s::timestamptz + (c.k - 1) * interval '1 microsecond' AS created_at,
+           {_NEW_JSON} AS new_json,
+           CASE WHEN c.inserted THEN NULL ELSE {_OLD_JSON} END AS old_json
+      FROM upsert_changed c LEFT JOIN upsert_old o ON o.id = c.id
+     WHERE c.k > %(low)s AND c.k <= %(high)s
+"""
+
+
 def _write_audit(cur: Any, *, run_id: str, rows: int) -> tuple[int, str | None]:
-    """Append one chained audit row per changed line; returns (rows, the chain's new head)."""
+    """Append one chained audit row per changed line; returns (rows, the chain's new head).
+
+    Per chunk of CHAIN_CHUNK_ROWS: the content hashes in SQL, the chain step here, the
+    rows inserted in order. Memory: one chunk of hashes.
+    """
     cur.execute("LOCK TABLE public.audit_logs IN SHARE ROW EXCLUSIVE MODE")
     cur.execute("SELECT hash, created_at FROM public.audit_logs ORDER BY created_at DESC, id DESC LIMIT 1")
     head = cur.fetchone()
@@ -388,46 +417,39 @@ def _write_audit(cur: Any, *, run_id: str, rows: int) -> tuple[int, str | None]:
         first = head[1] + timedelta(microseconds=1)
     last = first + timedelta(microseconds=rows - 1)
     cur.execute(
-        f"""
-        CREATE TEMPORARY TABLE upsert_audit ON COMMIT DROP AS
-        SELECT k, record_id, created_at, new_json, old_json,
-               encode(sha256(convert_to({_CANONICAL}, 'UTF8')), 'hex') AS content_hash
-          FROM (SELECT c.seq AS k, c.id::text AS record_id,
-                       %(first)s::timestamptz + (c.seq - 1) * interval '1 microsecond' AS created_at,
-                       {_NEW_JSON} AS new_json,
-                       CASE WHEN c.inserted THEN NULL ELSE {_OLD_JSON} END AS old_json
-                  FROM (SELECT row_number() OVER (ORDER BY seq) AS seq, id, inserted, invoice_id, unit_id,
-                               line_type, description, quantity, amount
-                          FROM upsert_changed) c
-                  LEFT JOIN upsert_old o ON o.id = c.id) a
-        """,
-        {"first": first, "run_id": run_id},
-    )
-    cur.execute("CREATE INDEX ON upsert_audit (k)")
-    cur.execute(
         "CREATE TEMPORARY TABLE upsert_chain (k bigint, hash text, previous_hash text) ON COMMIT DROP"
     )
+    written = 0
     for low in range(0, rows, CHAIN_CHUNK_ROWS):
+        bounds = {"first": first, "run_id": run_id, "low": low, "high": low + CHAIN_CHUNK_ROWS}
         cur.execute(
-            "SELECT content_hash FROM upsert_audit WHERE k > %s AND k <= %s ORDER BY k",
-            [low, low + CHAIN_CHUNK_ROWS],
+            f"""
+            SELECT k, encode(sha256(convert_to({_CANONICAL}, 'UTF8')), 'hex')
+              FROM ({_AUDIT_ROWS}) a ORDER BY k
+            """,
+            bounds,
         )
         chunk = cur.fetchall()
+        cur.execute("TRUNCATE upsert_chain")
         with cur.copy("COPY upsert_chain (k, hash, previous_hash) FROM STDIN") as copy:
-            for k, (content,) in enumerate(chunk, start=low + 1):
+            for k, content in chunk:
                 digest = chain_hash(previous, content)
                 copy.write_row((k, digest, previous))
                 previous = digest
-    cur.execute(
-        """
-        INSERT INTO public.audit_logs (action, record_id, old_data, new_data, hash, previous_hash, created_at)
-        SELECT %s, a.record_id, a.old_json::jsonb, a.new_json::jsonb, c.hash, c.previous_hash, a.created_at
-          FROM upsert_audit a JOIN upsert_chain c USING (k)
-         ORDER BY a.k
-        """,
-        [UPSERT_ACTION],
-    )
-    written = int(cur.rowcount)
+        del chunk
+        cur.execute(
+            f"""
+            INSERT INTO public.audit_logs
+                   (action, record_id, old_data, new_data, hash, previous_hash, created_at)
+            SELECT '{UPSERT_ACTION}', a.record_id, a.old_json::jsonb, a.new_json::jsonb,
+                   h.hash, h.previous_hash,
+                   a.created_at
+              FROM ({_AUDIT_ROWS}) a JOIN upsert_chain h USING (k)
+             ORDER BY a.k
+            """,
+            bounds,
+        )
+        written += cur.rowcount
     if written != rows:
         raise UpsertFailed(f"wrote {written} audit rows for {rows} changed lines")
     # Whoever appends after our commit stamps clock_timestamp(): it must sort after our last row.

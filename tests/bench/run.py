@@ -14,15 +14,17 @@ import django
 def main() -> int:
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "billing_ops.settings")
     django.setup()
-    from tests.bench import bench_locks, bench_release, bench_seed
+    from tests.bench import bench_locks, bench_release, bench_seed, bench_upsert
 
-    names = sys.argv[1:] or ["seed", "locks", "release"]
+    names = sys.argv[1:] or ["seed", "locks", "release", "upsert"]
     if "seed" in names:
         bench_seed.main()
     if "locks" in names:
         bench_locks.main()
     if "release" in names:
         bench_release.main()
+    if "upsert" in names:
+        bench_upsert.main()
     return 0
 
 

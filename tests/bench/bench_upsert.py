@@ -1,0 +1,208 @@
+"""Benchmark: the batch upsert of 1,000,000 CSV lines with its audit chain.
+
+In a scratch database on the Dev environment's server (created and dropped here, so the
+demo is untouched), holding the contract schema and 100,000 existing invoice lines:
+
+- a generated CSV of N lines, 10 % of them matching existing lines (half with the same
+  values, written with messy whitespace and case; half with new values);
+- bare: ``COPY`` of the same file into an unindexed table of text columns;
+- full: ``reconciliation.upsert.batch_upsert`` (COPY, normalization, dedup, upsert in
+  batches of 50,000, one chained audit row per changed line), in a child process whose
+  peak RSS is reported (at 100,000 and 1,000,000 lines: memory must stay flat);
+- naive: the file parsed in Python and sent in batches of 50,000 rows with
+  ``executemany`` of ``INSERT ... ON CONFLICT ... DO UPDATE`` (what
+  ``bulk_create(update_conflicts=True)`` does), no audit.
+
+Each timed run starts from the same 100,000 lines.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+EXISTING = 100_000
+SIZES = (100_000, 1_000_000)
+BATCH = 50_000
+SCRATCH_DB = "billing_ops_bench_upsert"
+TYPES = ("ENERGY", "NETWORK", "CAPACITY", "TAX", "FEE")
+BASES = (
+    "Active energy consumption",
+    "Network usage fee",
+    "Capacity charge",
+    "Excise tax",
+    "Meter service fee",
+)
+
+
+def line(n: int) -> tuple[str, str, str, str, str, str]:
+    return (
+        f"INV-{n // 5:08d}",
+        f"UNIT-{(n // 5) % 5000:06d}",
+        TYPES[n % 5],
+        f"{BASES[n % 5]} Jan 2025",
+        f"{1 + (n * 7919) % 100000 / 100:.3f}",
+        f"{(n * 31) % 50000 / 100:.2f}",
+    )
+
+
+def write_csv(path: Path, count: int) -> None:
+    """Lines 0..EXISTING-1 exist already; every tenth CSV line is one of them."""
+    matched = count // 10
+    with path.open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["invoice_id", "unit_id", "line_type", "description", "quantity", "amount"])
+        for k in range(count):
+            if k % 10 == 0 and k // 10 < matched:
+                inv, unit, lt, desc, q, a = line((k // 10) % EXISTING)
+                if k % 20 == 0:  # same values, messy spelling: an update of description only
+                    desc = "  " + desc.upper().replace(" ", "   ") + " "
+                else:  # same spelling, new amount
+                    a = f"{float(a) + 1:.2f}"
+                w.writerow((inv, unit, lt, desc, q, a))
+            else:
+                w.writerow(line(EXISTING + k))
+
+
+def scratch_url(base_url: str, dbname: str) -> str:
+    info = psycopg.conninfo.conninfo_to_dict(base_url)
+    info["dbname"] = dbname
+    return psycopg.conninfo.make_conninfo(**{k: v for k, v in info.items() if v is not None})
+
+
+def reset(url: str) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("TRUNCATE public.invoice_lines, public.audit_logs RESTART IDENTITY")
+        conn.execute(
+            r"""
+            INSERT INTO public.invoice_lines
+                   (invoice_id, unit_id, line_type, description, normalized_description,
+                                              quantity, amount)
+            SELECT i, u, t, d, regexp_replace(lower(trim(d)), '\s+', ' ', 'g'), q::numeric, a::numeric
+              FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[])
+                   AS x(i, u, t, d, q, a)
+            """,
+            [list(col) for col in zip(*(line(n) for n in range(EXISTING)), strict=True)],
+        )
+        conn.execute("VACUUM ANALYZE public.invoice_lines")
+        conn.execute("CHECKPOINT")
+
+
+def bare_copy(url: str, path: Path) -> float:
+    with psycopg.connect(url) as conn, conn.cursor() as cur:
+        cur.execute(
+            "CREATE TEMPORARY TABLE bare (invoice_id text, unit_id text, line_type text, description text,"
+            " quantity text, amount text)"
+        )
+        started = time.perf_counter()
+        with path.open("rb") as f, cur.copy("COPY bare FROM STDIN (FORMAT csv, HEADER true)") as copy:
+            while chunk := f.read(1 << 20):
+                copy.write(chunk)
+        conn.commit()
+        return time.perf_counter() - started
+
+
+def naive(url: str, path: Path) -> float:
+    statement = r"""
+        INSERT INTO public.invoice_lines AS l
+               (invoice_id, unit_id, line_type, description, normalized_description,
+                                               quantity, amount)
+        VALUES (%s, %s, %s, %s, regexp_replace(lower(trim(%s)), '\s+', ' ', 'g'), %s, %s)
+        ON CONFLICT (invoice_id, unit_id, line_type, normalized_description)
+        DO UPDATE SET description = excluded.description, quantity = excluded.quantity,
+                      amount = excluded.amount
+    """
+    started = time.perf_counter()
+    with psycopg.connect(url) as conn, conn.cursor() as cur, path.open(newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        next(reader)
+        batch: list[tuple[Any, ...]] = []
+        for inv, unit, lt, desc, q, a in reader:
+            batch.append((inv, unit, lt, desc, desc, q, a))
+            if len(batch) == BATCH:
+                cur.executemany(statement, batch)
+                batch = []
+        if batch:
+            cur.executemany(statement, batch)
+        conn.commit()
+    return time.perf_counter() - started
+
+
+def full(url: str, path: Path, run_id: str) -> dict[str, Any]:
+    """The product's upsert in a child process: (figures, peak RSS in MB)."""
+    child = subprocess.run(
+        [sys.executable, "-m", "tests.bench.upsert_child", url, str(path), run_id, str(BATCH)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=os.environ,
+    )
+    if child.returncode != 0:
+        raise RuntimeError(child.stderr[-3000:])
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    from billing_ops.environments import environment_connect, get_environment
+
+    env = get_environment("dev")
+    with environment_connect(env) as conn:
+        base_url = conn.info.dsn + (f" password={conn.info.password}" if conn.info.password else "")
+        server = conn.info.server_version
+    with psycopg.connect(base_url, autocommit=True) as admin:
+        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(SCRATCH_DB)))
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(SCRATCH_DB)))
+    url = scratch_url(base_url, SCRATCH_DB)
+    try:
+        schema = (
+            Path(__file__).resolve().parents[2] / "billing_ops" / "sql" / "contract_schema.sql"
+        ).read_text()
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(schema)
+        print(
+            f"\nBatch upsert (PostgreSQL {server // 10000}, {EXISTING:,} existing lines, "
+            f"batches of {BATCH:,})"
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            for size in SIZES:
+                path = Path(tmp) / f"missing_lines_{size}.csv"
+                write_csv(path, size)
+                mb = path.stat().st_size / 1e6
+                reset(url)
+                bare = bare_copy(url, path)
+                reset(url)
+                result = full(url, path, f"bench-{size}")
+                figures = result["outcome"]
+                reset(url)
+                slow = naive(url, path) if size == max(SIZES) or len(SIZES) == 1 else None
+                print(f"  {size:,} lines ({mb:.0f} MB):")
+                print(f"    bare COPY into an unindexed table   {bare * 1000:10,.0f} ms")
+                print(
+                    f"    full upsert with audit chain        {result['seconds'] * 1000:10,.0f} ms"
+                    f"  ({result['seconds'] / bare:.1f}x bare)  peak RSS {result['peak_rss_mb']:.0f} MB"
+                )
+                print(
+                    f"      inserted {figures['inserted']:,}, updated {figures['updated']:,}, "
+                    f"unchanged {figures['unchanged']:,}, audit rows {figures['audit_rows']:,}; "
+                    f"stages: {result['stages']}"
+                )
+                if slow is not None:
+                    print(
+                        f"    naive executemany ON CONFLICT       {slow * 1000:10,.0f} ms"
+                        f"  ({slow / bare:.1f}x bare, no audit)"
+                    )
+    finally:
+        with psycopg.connect(base_url, autocommit=True) as admin:
+            admin.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(SCRATCH_DB))
+            )
