@@ -102,6 +102,57 @@ LOCK_RESTORE = register(
     )
 )
 
+
+# --- Reconciliation: the runbook's checks and repairs on public.invoice_lines ----------------
+
+DUPLICATE_PRECHECK = register(
+    JobKind(
+        name="duplicate_precheck",
+        label=_("Duplicate precheck"),
+        handler="reconciliation.duplicates.duplicate_precheck_execute",
+        resumable=True,
+        worker_lost_note=_("The precheck only reads; it is safe to run again."),
+    )
+)
+
+DUPLICATE_RESOLVE = register(
+    JobKind(
+        name="duplicate_resolve",
+        label=_("Resolve duplicate lines"),
+        handler="reconciliation.duplicates.duplicate_resolve_execute",
+        destructive=True,
+        always_needs_approval=True,
+        detail_context="reconciliation.views.duplicate_resolve_detail_context",
+        worker_lost_note=_(
+            "The delete is one transaction: either all of it or nothing was committed. "
+            "Run a new duplicate precheck to see which."
+        ),
+    )
+)
+
+INDEX_CHECK = register(
+    JobKind(
+        name="index_check",
+        label=_("Index check"),
+        handler="reconciliation.indexes.index_check_execute",
+        resumable=True,
+        worker_lost_note=_("The check only reads the catalogs; it is safe to run again."),
+    )
+)
+
+INDEX_CREATE = register(
+    JobKind(
+        name="index_create",
+        label=_("Create indexes"),
+        handler="reconciliation.indexes.index_create_execute",
+        destructive=True,
+        worker_lost_note=_(
+            "A CONCURRENTLY build that was interrupted leaves an invalid index; "
+            "running index creation again drops and rebuilds it."
+        ),
+    )
+)
+
 INVOICE_UPSERT = register(
     JobKind(
         name="invoice_upsert",

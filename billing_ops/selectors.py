@@ -204,3 +204,14 @@ def last_finished_jobs(*, kind: str, environments: list[str]) -> dict[str, Job]:
         .distinct("environment")
     )
     return {job.environment: job for job in jobs}
+
+
+def latest_jobs(*, environment: str, kinds: list[str]) -> dict[str, Job]:
+    """The most recent job of each kind in one environment, whatever its status."""
+    jobs = (
+        Job.objects.filter(environment=environment, kind__in=kinds)
+        .select_related("requested_by", "approved_by")
+        .order_by("kind", "-id")
+        .distinct("kind")
+    )
+    return {job.kind: job for job in jobs}

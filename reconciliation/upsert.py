@@ -116,7 +116,7 @@ def batch_upsert(
     report: Reporter,
 ) -> UpsertOutcome:
     """Run the upsert on ``conn`` (a psycopg connection, not in a transaction)."""
-    from reconciliation.indexes import require_dedup_index
+    from reconciliation.indexes import DedupIndexUnusable, require_dedup_index
 
     check_run_id(run_id)
     if batch_size < 1:
@@ -138,7 +138,10 @@ def batch_upsert(
                     TEMP_BUFFERS,
                 ],
             )
-            require_dedup_index(cur)
+            try:
+                require_dedup_index(cur)
+            except DedupIndexUnusable as exc:
+                raise UpsertRefused(f"the upsert cannot start: {exc}") from None
             if run_id_used_in(cur, run_id):
                 raise UpsertRefused(
                     f"run id {run_id!r} already has audit rows in this environment: "

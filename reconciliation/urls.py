@@ -13,4 +13,34 @@ urlpatterns = [
         views.upsert_audit_rows,
         name="upsert_audit_rows",
     ),
+    path(
+        "environments/<str:env_key>/reconciliation/duplicates/precheck/",
+        views.duplicate_precheck_request,
+        name="duplicate_precheck_request",
+    ),
+    path(
+        "environments/<str:env_key>/reconciliation/duplicates/resolve/",
+        views.duplicate_resolve_request,
+        name="duplicate_resolve_request",
+    ),
+    path(
+        "environments/<str:env_key>/reconciliation/indexes/check/",
+        views.index_check_request,
+        name="index_check_request",
+    ),
+    path(
+        "environments/<str:env_key>/reconciliation/indexes/create/",
+        views.index_create_request,
+        name="index_create_request",
+    ),
+    path(
+        "environments/<str:env_key>/reconciliation/sessions/",
+        views.invoice_lines_sessions,
+        name="invoice_lines_sessions",
+    ),
+    path(
+        "environments/<str:env_key>/reconciliation/sessions/signal/",
+        views.session_signal,
+        name="session_signal",
+    ),
 ]

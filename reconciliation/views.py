@@ -2,31 +2,51 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from django.contrib import messages
 from django.core.exceptions import ValidationError
+from django.db import DatabaseError
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils.translation import gettext as _
-from django.views.decorators.http import require_GET, require_http_methods
+from django.views.decorators.cache import never_cache
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from django_tables2 import RequestConfig
 
 from billing_ops import access
-from reconciliation import selectors
-from reconciliation.forms import UpsertForm
+from billing_ops.environments import Environment
+from billing_ops.models import Job, JobStatus
+from billing_ops.selectors import describe_error, last_finished_jobs, latest_jobs
+from reconciliation import duplicates, indexes, selectors, sessions
+from reconciliation.forms import DuplicateResolveForm, SessionSignalForm, UpsertForm
 from reconciliation.models import UpsertRun
 from reconciliation.services import upsert_request
 from reconciliation.tables import UpsertRunTable
 
 RUNS_PER_PAGE = 25
 
+RUNBOOK_JOB_KINDS = [
+    duplicates.PRECHECK_KIND,
+    duplicates.RESOLVE_KIND,
+    indexes.INDEX_CHECK_KIND,
+    indexes.INDEX_CREATE_KIND,
+]
+
 
 @require_GET
 def reconciliation_home(request: HttpRequest, env_key: str) -> HttpResponse:
     env = access.get_environment_for_user(request.user, env_key)
-    recent = (
-        UpsertRun.objects.filter(environment=env.key).select_related("requested_by").order_by("-started_at")
+    latest = latest_jobs(environment=env.key, kinds=RUNBOOK_JOB_KINDS)
+    precheck = last_finished_jobs(kind=duplicates.PRECHECK_KIND, environments=[env.key]).get(env.key)
+    resolve = latest.get(duplicates.RESOLVE_KIND)
+    already_resolving = (
+        precheck is not None
+        and resolve is not None
+        and resolve.params.get("precheck_job_id") == precheck.pk
+        and resolve.status not in (JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.REFUSED)
     )
-    runs = UpsertRunTable(list(recent[:5]), orderable=False)
     return render(
         request,
         "reconciliation/home.html",
@@ -34,9 +54,146 @@ def reconciliation_home(request: HttpRequest, env_key: str) -> HttpResponse:
             "env": env,
             "can_queue": access.is_operator(request.user),
             "can_approve": access.is_approver(request.user),
-            "recent_runs": runs,
+            "latest": latest,
+            "recent_runs": UpsertRunTable(
+                list(
+                    UpsertRun.objects.filter(environment=env.key)
+                    .select_related("requested_by")
+                    .order_by("-started_at")[:5]
+                ),
+                orderable=False,
+            ),
+            # The last successful precheck: what a resolve would be based on, unless one is
+            # already under way or done for it.
+            "precheck": precheck,
+            "resolvable": precheck is not None
+            and bool((precheck.result or {}).get("groups"))
+            and not already_resolving,
         },
     )
+
+
+def _queue(
+    request: HttpRequest, env_key: str, what: str, request_job: Callable[[Environment], Job]
+) -> HttpResponse:
+    """Request a job with ``request_job(env)``; say what became of it."""
+    access.require_operator(request.user)
+    env = access.get_environment_for_user(request.user, env_key)
+    try:
+        job = request_job(env)
+    except ValidationError as exc:
+        messages.error(request, " ".join(exc.messages))
+        return redirect("reconciliation_home", env_key=env.key)
+    if job.status == JobStatus.AWAITING_APPROVAL:
+        messages.success(
+            request,
+            _("%(what)s requested as job #%(id)s; it waits for an approver.") % {"what": what, "id": job.pk},
+        )
+    else:
+        messages.success(request, _("%(what)s queued as job #%(id)s.") % {"what": what, "id": job.pk})
+    return redirect("job_detail", job_id=job.pk)
+
+
+@require_POST
+def duplicate_precheck_request(request: HttpRequest, env_key: str) -> HttpResponse:
+    return _queue(
+        request,
+        env_key,
+        _("Duplicate precheck"),
+        lambda env: duplicates.duplicate_precheck_request(actor=request.user, env=env),
+    )
+
+
+@require_POST
+def duplicate_resolve_request(request: HttpRequest, env_key: str) -> HttpResponse:
+    form = DuplicateResolveForm(request.POST)
+    precheck_job = form.cleaned_data["precheck_job"] if form.is_valid() else None
+    return _queue(
+        request,
+        env_key,
+        _("Resolving the duplicates"),
+        lambda env: duplicates.duplicate_resolve_request(
+            actor=request.user, env=env, precheck_job_id=precheck_job
+        ),
+    )
+
+
+@require_POST
+def index_check_request(request: HttpRequest, env_key: str) -> HttpResponse:
+    return _queue(
+        request,
+        env_key,
+        _("Index check"),
+        lambda env: indexes.index_check_request(actor=request.user, env=env),
+    )
+
+
+@require_POST
+def index_create_request(request: HttpRequest, env_key: str) -> HttpResponse:
+    return _queue(
+        request,
+        env_key,
+        _("Index creation"),
+        lambda env: indexes.index_create_request(actor=request.user, env=env),
+    )
+
+
+def duplicate_resolve_detail_context(job: Job, user: Any) -> dict[str, Any]:
+    """What the page of a resolve job adds: the precheck's groups the approver decides on."""
+    precheck = Job.objects.filter(
+        pk=job.params.get("precheck_job_id"), kind=duplicates.PRECHECK_KIND, environment=job.environment
+    ).first()
+    return {"precheck": precheck}
+
+
+@never_cache
+@require_GET
+def invoice_lines_sessions(request: HttpRequest, env_key: str) -> HttpResponse:
+    """Sessions on public.invoice_lines, who blocks whom (runbook §5.2); htmx refreshes the
+    rows fragment alone."""
+    env = access.get_environment_for_user(request.user, env_key)
+    rows: list[sessions.InvoiceLinesSession] = []
+    error = ""
+    try:
+        rows = sessions.invoice_lines_sessions(env)
+    except DatabaseError as exc:
+        error = describe_error(exc)
+    context = {
+        "env": env,
+        "sessions": rows,
+        "error": error,
+        "can_signal": access.is_approver(request.user),
+    }
+    if getattr(request, "htmx", False):
+        return render(request, "reconciliation/_sessions_rows.html", context)
+    return render(request, "reconciliation/sessions.html", context)
+
+
+@require_POST
+def session_signal(request: HttpRequest, env_key: str) -> HttpResponse:
+    access.require_approver(request.user)
+    env = access.get_environment_for_user(request.user, env_key)
+    form = SessionSignalForm(request.POST)
+    if not form.is_valid():
+        messages.error(request, _("Choose a session from the list."))
+        return redirect("invoice_lines_sessions", env_key=env.key)
+    data = form.cleaned_data
+    try:
+        session = sessions.session_signal(
+            actor=request.user,
+            env=env,
+            pid=data["pid"],
+            backend_start=data["backend_start"],
+            terminate=data["terminate"],
+        )
+    except ValidationError as exc:
+        messages.error(request, " ".join(exc.messages))
+    else:
+        if data["terminate"]:
+            messages.success(request, _("Session %(pid)s terminated.") % {"pid": session.pid})
+        else:
+            messages.success(request, _("Cancel sent to session %(pid)s.") % {"pid": session.pid})
+    return redirect("invoice_lines_sessions", env_key=env.key)
 
 
 @require_http_methods(["GET", "POST"])

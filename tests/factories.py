@@ -60,3 +60,42 @@ def make_locks(
             """,
             {"tag": tag, "run": run_id, "system": system, "count": count, "types": types, "created": created},
         )
+
+
+def make_invoice_line(
+    env: Environment,
+    *,
+    invoice_id: str = "INV-1",
+    unit_id: str = "U-1",
+    line_type: str = "energy",
+    description: str = "Energy charge",
+    normalized_description: str | None = None,
+    quantity: str = "1",
+    amount: str = "10.00",
+    created_at: datetime | None = None,
+) -> str:
+    """One invoice line; ``normalized_description`` defaults to the runbook's expression over
+    ``description`` (pass another value to stand for a platform that filled it differently)."""
+    with connections[env.alias].cursor() as cursor:
+        cursor.execute(
+            """
+            INSERT INTO public.invoice_lines
+                (invoice_id, unit_id, line_type, description, normalized_description,
+                 quantity, amount, created_at)
+            VALUES (%s, %s, %s, %s, coalesce(%s, regexp_replace(lower(trim(%s)), '\\s+', ' ', 'g')), %s, %s,
+                    coalesce(%s, now()))
+            RETURNING id::text
+            """,
+            [
+                invoice_id,
+                unit_id,
+                line_type,
+                description,
+                normalized_description,
+                description,
+                quantity,
+                amount,
+                created_at,
+            ],
+        )
+        return str(cursor.fetchone()[0])

@@ -21,6 +21,14 @@ pytestmark = pytest.mark.django_db(databases="__all__")
 
 ROLES = ("anonymous", "nobody", "viewer", "operator", "approver")
 READ_ONLY = {"anonymous": "login", "nobody": 403, "viewer": 200, "operator": 200, "approver": 200}
+OPERATOR_ONLY = {"anonymous": "login", "nobody": 403, "viewer": 403, "operator": 302, "approver": 403}
+# URLs that queue a job of this kind when allowed.
+JOB_REQUESTS = {
+    "environment_check_request": "environment_check",
+    "duplicate_precheck_request": "duplicate_precheck",
+    "index_check_request": "index_check",
+    "index_create_request": "index_create",
+}
 
 # url name -> (method, expected outcome per role). "login" = redirect to the login page.
 MATRIX: dict[str, tuple[str, dict[str, Any]]] = {
@@ -58,6 +66,17 @@ MATRIX: dict[str, tuple[str, dict[str, Any]]] = {
     "upsert_new": (
         "GET",
         {"anonymous": "login", "nobody": 403, "viewer": 403, "operator": 200, "approver": 403},
+    ),
+    "duplicate_precheck_request": ("POST", OPERATOR_ONLY),
+    # No precheck job named: refused with a message (302) once allowed.
+    "duplicate_resolve_request": ("POST", OPERATOR_ONLY),
+    "index_check_request": ("POST", OPERATOR_ONLY),
+    "index_create_request": ("POST", OPERATOR_ONLY),
+    "invoice_lines_sessions": ("GET", READ_ONLY),
+    # No session named: refused with a message (302) once allowed.
+    "session_signal": (
+        "POST",
+        {"anonymous": "login", "nobody": 403, "viewer": 403, "operator": 403, "approver": 302},
     ),
     "job_list": ("GET", READ_ONLY),
     "approval_list": ("GET", READ_ONLY),
@@ -188,10 +207,11 @@ def test_permission_matrix(
 
     job.refresh_from_db()
     allowed = expected in (200, 302) and role not in ("anonymous",)
-    if name == "environment_check_request":
+    if name in JOB_REQUESTS:
         assert Job.objects.count() == jobs_before + (1 if allowed else 0)
         if allowed:
             assert Job.objects.latest("pk").requested_by == people[role]
+            assert Job.objects.latest("pk").kind == JOB_REQUESTS[name]
     elif name == "job_approve":
         assert job.status == (JobStatus.QUEUED if allowed else JobStatus.AWAITING_APPROVAL)
         assert job.approved_by == (people[role] if allowed else None)
