@@ -281,6 +281,13 @@ CELERY_BEAT_SCHEDULE["deliver-notifications"] = {
 }
 # --- End of notifications -------------------------------------------------------------------
 
+# --- Reconciliation files ----------------------------------------------------------------------
+# pg_dump backups (runbook §1.1), one subfolder per environment key; they hold every row of
+# the environment, so the folder should be as private as the database.
+BACKUP_DIR = Path(os.environ.get("BILLING_OPS_BACKUP_DIR") or VAR_DIR / "backups")
+# Reconciliation run folders (runbook §1.3): <RUN_ID>/missing_lines.csv and summary.json.
+RECONCILIATIONS_DIR = Path(os.environ.get("BILLING_OPS_RECONCILIATIONS_DIR") or VAR_DIR / "reconciliations")
+
 # --- Auth, i18n, static ------------------------------------------------------------------
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
