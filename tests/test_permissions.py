@@ -53,6 +53,19 @@ MATRIX: dict[str, tuple[str, dict[str, Any]]] = {
     "metrics": ("GET", {"anonymous": 401, "nobody": 401, "viewer": 200, "operator": 200, "approver": 200}),
     "environment_detail": ("GET", READ_ONLY),
     "reconciliation_home": ("GET", READ_ONLY),
+    "backup_list": ("GET", READ_ONLY),
+    "backup_request": (
+        "POST",
+        {"anonymous": "login", "nobody": 403, "viewer": 403, "operator": 302, "approver": 403},
+    ),
+    "artifact_validate_request": (
+        "POST",
+        {"anonymous": "login", "nobody": 403, "viewer": 403, "operator": 302, "approver": 403},
+    ),
+    "upsert_verify_request": (
+        "POST",
+        {"anonymous": "login", "nobody": 403, "viewer": 403, "operator": 302, "approver": 403},
+    ),
     "job_list": ("GET", READ_ONLY),
     "approval_list": ("GET", READ_ONLY),
     "job_detail": ("GET", READ_ONLY),
@@ -87,6 +100,13 @@ MATRIX: dict[str, tuple[str, dict[str, Any]]] = {
     ),
 }
 
+
+# POSTs that queue a job once allowed, with the form data that makes them valid.
+JOB_REQUESTS: dict[str, dict[str, str]] = {
+    "backup_request": {},
+    "artifact_validate_request": {"run_folder": "run-1"},
+    "upsert_verify_request": {"run_id": "manual-20260208-fix42"},
+}
 
 # Path parameters: the environment and job at hand; any other object does not exist, so an
 # allowed request answers 404 (what such a view does with the object is tested elsewhere).
@@ -149,7 +169,7 @@ def waiting_job(requester: User, env_key: str) -> Job:
 @pytest.mark.parametrize("role", ROLES)
 @pytest.mark.parametrize("name", sorted(MATRIX))
 def test_permission_matrix(
-    name: str, role: str, people, unprotected_env, django_capture_on_commit_callbacks
+    name: str, role: str, people, unprotected_env, django_capture_on_commit_callbacks, settings
 ) -> None:
     method, expected_by_role = MATRIX[name]
     expected = expected_by_role[role]
@@ -169,6 +189,9 @@ def test_permission_matrix(
         data = {"environment": unprotected_env.key}
     if name in ("job_approve", "job_refuse"):
         data = {"digest": job.params_digest, "comment": "ok"}
+    if name in JOB_REQUESTS:
+        data = JOB_REQUESTS[name]
+        (settings.RECONCILIATIONS_DIR / "run-1").mkdir(parents=True)
     jobs_before = Job.objects.count()
     with django_capture_on_commit_callbacks(execute=False):
         response = client.get(url) if method == "GET" else client.post(url, data)
@@ -182,7 +205,7 @@ def test_permission_matrix(
 
     job.refresh_from_db()
     allowed = expected in (200, 302) and role not in ("anonymous",)
-    if name == "environment_check_request":
+    if name == "environment_check_request" or name in JOB_REQUESTS:
         assert Job.objects.count() == jobs_before + (1 if allowed else 0)
         if allowed:
             assert Job.objects.latest("pk").requested_by == people[role]
