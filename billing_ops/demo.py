@@ -887,3 +887,31 @@ def demo_users_ensure(*, var_dir: Path | None = None) -> DemoUsersResult:
             elif changed:
                 updated.append(role)
     return DemoUsersResult(created=created, updated=updated, path=path)
+
+
+# --- Sample reconciliation run folders ----------------------------------------------------------
+
+# A run folder for the artifact validation (runbook §1.3) whose lines fit the demo's invoice
+# lines: some match existing ones in other spellings, the rest are new.
+SAMPLE_RUN_FOLDERS_DIR = Path(settings.BASE_DIR) / "samples" / "reconciliations"
+
+
+def reconciliation_samples_ensure(*, target: Path | None = None) -> list[str]:
+    """Copy the repository's sample run folders into the reconciliations directory, each
+    only when no folder of that name is there (an operator's folder is never overwritten).
+    Returns the names copied."""
+    import shutil
+
+    target = Path(target or settings.RECONCILIATIONS_DIR)
+    copied: list[str] = []
+    for sample in sorted(p for p in SAMPLE_RUN_FOLDERS_DIR.iterdir() if p.is_dir()):
+        destination = target / sample.name
+        if destination.exists() or destination.is_symlink():
+            continue
+        partial = target / f".{sample.name}.copying"
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(sample, partial)
+        # Complete or absent: a reader never lists a half-copied folder.
+        partial.rename(destination)
+        copied.append(sample.name)
+    return copied

@@ -165,3 +165,37 @@ INVOICE_UPSERT = register(
         ),
     )
 )
+
+# --- Reconciliation: backup, artifact validation, post-upsert verification (runbook §1.1, §1.3, §4)
+
+DATABASE_BACKUP = register(
+    JobKind(
+        name="database_backup",
+        label=_("Database backup"),
+        handler="reconciliation.backups.backup_create",
+        worker_lost_note=_(
+            "No backup was kept: a dump gets its final name only after it has been verified. "
+            "Its temporary file is removed by the next backup; request a new one."
+        ),
+    )
+)
+
+ARTIFACT_VALIDATE = register(
+    JobKind(
+        name="artifact_validate",
+        label=_("Artifact validation"),
+        handler="reconciliation.artifacts.artifact_validate",
+        resumable=True,
+        worker_lost_note=_("The validation only reads files; it is safe to run again."),
+    )
+)
+
+UPSERT_VERIFY = register(
+    JobKind(
+        name="upsert_verify",
+        label=_("Post-upsert verification"),
+        handler="reconciliation.verification.upsert_verify",
+        resumable=True,
+        worker_lost_note=_("The verification only reads; it is safe to run again."),
+    )
+)

@@ -291,6 +291,12 @@ UPSERT_STATEMENT_TIMEOUT_MS = env_int("BILLING_OPS_UPSERT_STATEMENT_TIMEOUT_MS",
 # How long the upsert waits for a row or table another session holds (runbook §5.2).
 UPSERT_LOCK_TIMEOUT_MS = env_int("BILLING_OPS_UPSERT_LOCK_TIMEOUT_MS", 60_000, minimum=100)
 # --- End of reconciliation --------------------------------------------------------------------
+# --- Reconciliation files ----------------------------------------------------------------------
+# pg_dump backups (runbook §1.1), one subfolder per environment key; they hold every row of
+# the environment, so the folder should be as private as the database.
+BACKUP_DIR = Path(os.environ.get("BILLING_OPS_BACKUP_DIR") or VAR_DIR / "backups")
+# Reconciliation run folders (runbook §1.3): <RUN_ID>/missing_lines.csv and summary.json.
+RECONCILIATIONS_DIR = Path(os.environ.get("BILLING_OPS_RECONCILIATIONS_DIR") or VAR_DIR / "reconciliations")
 
 # --- Auth, i18n, static ------------------------------------------------------------------
 AUTH_PASSWORD_VALIDATORS = [

@@ -43,4 +43,20 @@ urlpatterns = [
         views.session_signal,
         name="session_signal",
     ),
+    path("environments/<str:env_key>/reconciliation/backups/", views.backup_list, name="backup_list"),
+    path(
+        "environments/<str:env_key>/reconciliation/backups/request/",
+        views.backup_request,
+        name="backup_request",
+    ),
+    path(
+        "environments/<str:env_key>/reconciliation/artifacts/validate/",
+        views.artifact_validate_request,
+        name="artifact_validate_request",
+    ),
+    path(
+        "environments/<str:env_key>/reconciliation/verify/",
+        views.upsert_verify_request,
+        name="upsert_verify_request",
+    ),
 ]

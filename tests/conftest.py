@@ -164,6 +164,18 @@ def celery_worker(worker_environ: dict[str, str]) -> Iterator[Worker]:
     worker.stop()
 
 
+@pytest.fixture(autouse=True)
+def _private_file_folders(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Backups and reconciliation run folders of a test live in its own temporary folders,
+    never in the checkout's var/. (Not through the `settings` fixture: taking it here would
+    make it outlive fixtures such as clean_environments that read the settings it restores.)"""
+    from django.test import override_settings
+
+    root = tmp_path_factory.mktemp("files")
+    with override_settings(BACKUP_DIR=root / "backups", RECONCILIATIONS_DIR=root / "reconciliations"):
+        yield
+
+
 @pytest.fixture
 def clean_environments(django_db_blocker: Any) -> Iterator[None]:
     """Empty the contract tables of every environment's test database before and after."""

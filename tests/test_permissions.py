@@ -22,12 +22,15 @@ pytestmark = pytest.mark.django_db(databases="__all__")
 ROLES = ("anonymous", "nobody", "viewer", "operator", "approver")
 READ_ONLY = {"anonymous": "login", "nobody": 403, "viewer": 200, "operator": 200, "approver": 200}
 OPERATOR_ONLY = {"anonymous": "login", "nobody": 403, "viewer": 403, "operator": 302, "approver": 403}
-# URLs that queue a job of this kind when allowed.
-JOB_REQUESTS = {
-    "environment_check_request": "environment_check",
-    "duplicate_precheck_request": "duplicate_precheck",
-    "index_check_request": "index_check",
-    "index_create_request": "index_create",
+# POSTs that queue a job of this kind once allowed, with the form data that makes them valid.
+JOB_REQUESTS: dict[str, tuple[str, dict[str, str]]] = {
+    "environment_check_request": ("environment_check", {}),  # + the environment (below)
+    "duplicate_precheck_request": ("duplicate_precheck", {}),
+    "index_check_request": ("index_check", {}),
+    "index_create_request": ("index_create", {}),
+    "backup_request": ("database_backup", {}),
+    "artifact_validate_request": ("artifact_validate", {"run_folder": "run-1"}),
+    "upsert_verify_request": ("upsert_verify", {"run_id": "manual-20260208-fix42"}),
 }
 
 # url name -> (method, expected outcome per role). "login" = redirect to the login page.
@@ -77,6 +80,19 @@ MATRIX: dict[str, tuple[str, dict[str, Any]]] = {
     "session_signal": (
         "POST",
         {"anonymous": "login", "nobody": 403, "viewer": 403, "operator": 403, "approver": 302},
+    ),
+    "backup_list": ("GET", READ_ONLY),
+    "backup_request": (
+        "POST",
+        {"anonymous": "login", "nobody": 403, "viewer": 403, "operator": 302, "approver": 403},
+    ),
+    "artifact_validate_request": (
+        "POST",
+        {"anonymous": "login", "nobody": 403, "viewer": 403, "operator": 302, "approver": 403},
+    ),
+    "upsert_verify_request": (
+        "POST",
+        {"anonymous": "login", "nobody": 403, "viewer": 403, "operator": 302, "approver": 403},
     ),
     "job_list": ("GET", READ_ONLY),
     "approval_list": ("GET", READ_ONLY),
@@ -174,7 +190,7 @@ def waiting_job(requester: User, env_key: str) -> Job:
 @pytest.mark.parametrize("role", ROLES)
 @pytest.mark.parametrize("name", sorted(MATRIX))
 def test_permission_matrix(
-    name: str, role: str, people, unprotected_env, django_capture_on_commit_callbacks
+    name: str, role: str, people, unprotected_env, django_capture_on_commit_callbacks, settings
 ) -> None:
     method, expected_by_role = MATRIX[name]
     expected = expected_by_role[role]
@@ -190,6 +206,9 @@ def test_permission_matrix(
     if people[role] is not None:
         client.force_login(people[role])
     data: dict[str, str] = {}
+    if name in JOB_REQUESTS:
+        data = dict(JOB_REQUESTS[name][1])
+        (settings.RECONCILIATIONS_DIR / "run-1").mkdir(parents=True)
     if name == "environment_check_request":
         data = {"environment": unprotected_env.key}
     if name in ("job_approve", "job_refuse"):
@@ -211,7 +230,7 @@ def test_permission_matrix(
         assert Job.objects.count() == jobs_before + (1 if allowed else 0)
         if allowed:
             assert Job.objects.latest("pk").requested_by == people[role]
-            assert Job.objects.latest("pk").kind == JOB_REQUESTS[name]
+            assert Job.objects.latest("pk").kind == JOB_REQUESTS[name][0]
     elif name == "job_approve":
         assert job.status == (JobStatus.QUEUED if allowed else JobStatus.AWAITING_APPROVAL)
         assert job.approved_by == (people[role] if allowed else None)

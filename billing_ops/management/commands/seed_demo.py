@@ -13,7 +13,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DatabaseError
 
-from billing_ops.demo import SeedResult, demo_users_ensure, seed_environment
+from billing_ops.demo import SeedResult, demo_users_ensure, reconciliation_samples_ensure, seed_environment
 from billing_ops.environments import UnknownEnvironment, all_environments, get_environment
 
 
@@ -52,6 +52,11 @@ class Command(BaseCommand):
             changes = [f"created {', '.join(users.created)}"] if users.created else []
             changes += [f"updated {', '.join(users.updated)}"] if users.updated else []
             self.stdout.write(f"demo users: {'; '.join(changes) or 'unchanged'} (passwords in {users.path})")
+            samples = reconciliation_samples_ensure()
+            self.stdout.write(
+                f"sample run folders: {'copied ' + ', '.join(samples) if samples else 'unchanged'} "
+                f"(in {settings.RECONCILIATIONS_DIR})"
+            )
         else:
             self.stdout.write("demo users: skipped (BILLING_OPS_DEMO is off)")
         if failed:
