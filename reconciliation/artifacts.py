@@ -55,12 +55,14 @@ from django.utils.translation import gettext as _
 from billing_ops.environments import Environment
 from billing_ops.models import Job
 from billing_ops.services import Actor, JobContext, job_request
+from reconciliation.csvfile import REQUIRED_COLUMNS, TEXT_LIMITS
 
 CSV_FILE = "missing_lines.csv"
 SUMMARY_FILE = "summary.json"
 REQUIRED_FILES = (CSV_FILE, SUMMARY_FILE)
-CSV_COLUMNS = ("invoice_id", "unit_id", "line_type", "description", "quantity", "amount")
-CSV_TEXT_COLUMNS = ("invoice_id", "unit_id", "line_type", "description")
+# The contract the upsert enforces (reconciliation.csvfile); here every problem is listed.
+CSV_COLUMNS = REQUIRED_COLUMNS
+CSV_TEXT_COLUMNS = tuple(TEXT_LIMITS)
 # (precision, scale) of the numeric columns in public.invoice_lines.
 CSV_NUMERIC_COLUMNS = {"quantity": (18, 6), "amount": (18, 2)}
 # A run id is also a folder name: one path component, no leading dot.
@@ -359,6 +361,13 @@ def _record_check(record: list[str], columns: list[str], name: str, line: int, p
             problems.add(name, _("Contains a NUL character."), line=line, column=column)
         elif column in CSV_TEXT_COLUMNS and not value.strip():
             problems.add(name, _("Empty; a value is required."), line=line, column=column)
+        elif column in CSV_TEXT_COLUMNS and len(value) > TEXT_LIMITS[column]:
+            problems.add(
+                name,
+                _("Longer than %(n)s characters.") % {"n": f"{TEXT_LIMITS[column]:,}"},
+                line=line,
+                column=column,
+            )
         elif column in CSV_NUMERIC_COLUMNS:
             why = _numeric_problem(value, *CSV_NUMERIC_COLUMNS[column])
             if why:
@@ -373,6 +382,8 @@ def _numeric_problem(value: str, precision: int, scale: int) -> str:
         rounded = Decimal(value.strip()).quantize(Decimal(1).scaleb(-scale), rounding=ROUND_HALF_UP)
     except InvalidOperation:
         return _("%(value)r is too long a number.") % {"value": value[:40]}
+    if rounded < 0:
+        return _("%(value)s is negative.") % {"value": value.strip()}
     if abs(rounded) >= Decimal(10) ** (precision - scale):
         return _("%(value)s does not fit numeric(%(p)s,%(s)s).") % {
             "value": value.strip(),

@@ -8,7 +8,7 @@ A file of missing invoice lines is:
 - a header row naming exactly the columns ``invoice_id``, ``unit_id``, ``line_type``,
   ``description``, ``quantity`` and ``amount``, in any order (an unknown or repeated
   name is an error, by name);
-- then one line per invoice line: the four text columns non-empty and at most
+- then one line per invoice line: the four text columns not blank and at most
   ``TEXT_LIMITS`` characters; ``quantity`` and ``amount`` plain decimal numbers
   (``12.5``, ``-`` not allowed, no thousands separators or decimal commas) that fit
   ``numeric(18, 6)`` and ``numeric(18, 2)``; not negative.
@@ -42,13 +42,13 @@ STAGING_TABLE_SQL = f"""
 CREATE TEMPORARY TABLE {STAGING_TABLE} (
     record       bigint GENERATED ALWAYS AS IDENTITY,
     invoice_id   varchar({TEXT_LIMITS["invoice_id"]}) NOT NULL
-                 CONSTRAINT invoice_id_empty CHECK (invoice_id <> ''),
+                 CONSTRAINT invoice_id_empty CHECK (btrim(invoice_id) <> ''),
     unit_id      varchar({TEXT_LIMITS["unit_id"]}) NOT NULL
-                 CONSTRAINT unit_id_empty CHECK (unit_id <> ''),
+                 CONSTRAINT unit_id_empty CHECK (btrim(unit_id) <> ''),
     line_type    varchar({TEXT_LIMITS["line_type"]}) NOT NULL
-                 CONSTRAINT line_type_empty CHECK (line_type <> ''),
+                 CONSTRAINT line_type_empty CHECK (btrim(line_type) <> ''),
     description  varchar({TEXT_LIMITS["description"]}) NOT NULL
-                 CONSTRAINT description_empty CHECK (description <> ''),
+                 CONSTRAINT description_empty CHECK (btrim(description) <> ''),
     quantity     numeric(18, 6) NOT NULL CONSTRAINT quantity_negative CHECK (quantity >= 0)
                                  CONSTRAINT quantity_nan CHECK (quantity <> 'NaN'),
     amount       numeric(18, 2) NOT NULL CONSTRAINT amount_negative CHECK (amount >= 0)

@@ -323,49 +323,35 @@ def backup_list(request: HttpRequest, env_key: str) -> HttpResponse:
 
 @require_POST
 def backup_request(request: HttpRequest, env_key: str) -> HttpResponse:
-    access.require_operator(request.user)
-    env = access.get_environment_for_user(request.user, env_key)
-    try:
-        job = backups.backup_request(actor=request.user, env=env)
-    except ValidationError as exc:  # JobConflict: a backup of this environment is under way
-        messages.error(request, " ".join(exc.messages))
-        return redirect("backup_list", env_key=env.key)
-    messages.success(request, _("Backup queued as job #%(id)s.") % {"id": job.pk})
-    return redirect("job_detail", job_id=job.pk)
+    return _queue(
+        request, env_key, _("Backup"), lambda env: backups.backup_request(actor=request.user, env=env)
+    )
 
 
 @require_POST
 def artifact_validate_request(request: HttpRequest, env_key: str) -> HttpResponse:
-    access.require_operator(request.user)
-    env = access.get_environment_for_user(request.user, env_key)
-    try:
-        folders = artifacts.run_folders_list()
-    except artifacts.ArtifactError as exc:
-        messages.error(request, str(exc))
-        return redirect("reconciliation_home", env_key=env.key)
-    form = ArtifactValidateForm(request.POST, folders=folders)
-    if not form.is_valid():
-        messages.error(request, _("Choose one of the listed run folders."))
-        return redirect("reconciliation_home", env_key=env.key)
-    try:
-        job = artifacts.artifact_validate_request(
-            actor=request.user, env=env, run_folder=form.cleaned_data["run_folder"]
-        )
-    except artifacts.ArtifactError as exc:  # removed since the list was read
-        messages.error(request, str(exc))
-        return redirect("reconciliation_home", env_key=env.key)
-    messages.success(request, _("Artifact validation queued as job #%(id)s.") % {"id": job.pk})
-    return redirect("job_detail", job_id=job.pk)
+    def request_job(env: Environment) -> Job:
+        try:
+            form = ArtifactValidateForm(request.POST, folders=artifacts.run_folders_list())
+            if not form.is_valid():
+                raise ValidationError(_("Choose one of the listed run folders."))
+            return artifacts.artifact_validate_request(
+                actor=request.user, env=env, run_folder=form.cleaned_data["run_folder"]
+            )
+        except artifacts.ArtifactError as exc:  # the folder is unreadable, or went since it was listed
+            raise ValidationError(str(exc)) from None
+
+    return _queue(request, env_key, _("Artifact validation"), request_job)
 
 
 @require_POST
 def upsert_verify_request(request: HttpRequest, env_key: str) -> HttpResponse:
-    access.require_operator(request.user)
-    env = access.get_environment_for_user(request.user, env_key)
-    form = UpsertVerifyForm(request.POST)
-    if not form.is_valid():
-        messages.error(request, _("Give the run id to verify (at most 200 characters)."))
-        return redirect("reconciliation_home", env_key=env.key)
-    job = verification.upsert_verify_request(actor=request.user, env=env, run_id=form.cleaned_data["run_id"])
-    messages.success(request, _("Verification queued as job #%(id)s.") % {"id": job.pk})
-    return redirect("job_detail", job_id=job.pk)
+    def request_job(env: Environment) -> Job:
+        form = UpsertVerifyForm(request.POST)
+        if not form.is_valid():
+            raise ValidationError(_("Give the run id to verify (at most 200 characters)."))
+        return verification.upsert_verify_request(
+            actor=request.user, env=env, run_id=form.cleaned_data["run_id"]
+        )
+
+    return _queue(request, env_key, _("Verification"), request_job)

@@ -121,9 +121,10 @@ def test_bad_values_are_reported_on_the_line_the_record_starts() -> None:
         ("missing_lines.csv", 6, None, "Empty line."),
         ("missing_lines.csv", 7, None, "5 fields where the header has 6."),
         ("missing_lines.csv", 8, "quantity", "'NaN' is not a decimal number."),
+        ("missing_lines.csv", 8, "amount", "-3.50 is negative."),
         ("missing_lines.csv", 9, "quantity", "1234567890123 does not fit numeric(18,6)."),
     ]
-    assert report["csv"]["data_rows"] == 7 and report["problems_total"] == 7
+    assert report["csv"]["data_rows"] == 7 and report["problems_total"] == 8
 
 
 def test_bad_utf8_is_reported_on_its_line_and_stops_the_count() -> None:

@@ -516,3 +516,14 @@ def test_the_form_queues_an_upsert_and_the_pages_show_its_outcome(env, tmp_path,
     run_row = UpsertRun.objects.get(run_id="web-1")
     audit = viewing.get(f"/environments/{env.key}/reconciliation/runs/{run_row.pk}/audit/").content.decode()
     assert "<strong>insert</strong> 1" in audit and "FEE " in audit
+
+
+def test_the_sample_run_folder_upserts_cleanly(env) -> None:
+    sample = (
+        Path(__file__).resolve().parent.parent
+        / "samples/reconciliations/demo-20261121-fix1/missing_lines.csv"
+    )
+    outcome = run(env, sample, run_id="sample")
+    assert outcome.rows_streamed == 20 and outcome.inserted + outcome.duplicates == 20
+    assert query(env, RUNBOOK_4_1_DUPLICATES) == [(0,)]
+    assert_chain_intact(env)
