@@ -44,7 +44,7 @@ from reconciliation.csvfile import STAGING_TABLE, STAGING_TABLE_SQL, CsvError, C
 UPSERT_ACTION = "upsert_missing_lines"
 RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,99}")
 COPY_CHUNK_BYTES = 1 << 20
-CHAIN_CHUNK_ROWS = 100_000
+CHAIN_CHUNK_ROWS = 50_000
 DUPLICATE_EXAMPLES = 20
 PREFIX = "[batch_upsert]"
 TEMP_BUFFERS = "1GB"  # an upper bound: local buffers are allocated as the tables grow
@@ -425,6 +425,7 @@ def _write_audit(cur: Any, *, run_id: str, rows: int) -> tuple[int, str | None]:
     written = 0
     for low in range(0, rows, CHAIN_CHUNK_ROWS):
         bounds = {"first": first, "run_id": run_id, "low": low, "high": low + CHAIN_CHUNK_ROWS}
+        cur.execute("TRUNCATE upsert_chain")
         cur.execute(
             f"""
             SELECT k, encode(sha256(convert_to({_CANONICAL}, 'UTF8')), 'hex')
@@ -432,14 +433,16 @@ def _write_audit(cur: Any, *, run_id: str, rows: int) -> tuple[int, str | None]:
             """,
             bounds,
         )
-        chunk = cur.fetchall()
-        cur.execute("TRUNCATE upsert_chain")
-        with cur.copy("COPY upsert_chain (k, hash, previous_hash) FROM STDIN") as copy:
-            for k, content in chunk:
+        # Read the chunk's hashes row by row from this cursor's result while another
+        # cursor of the same connection COPYs the chained hashes in (no list of the chunk).
+        with (
+            cur.connection.cursor() as sink,
+            sink.copy("COPY upsert_chain (k, hash, previous_hash) FROM STDIN") as copy,
+        ):
+            for k, content in cur:
                 digest = chain_hash(previous, content)
                 copy.write_row((k, digest, previous))
                 previous = digest
-        del chunk
         cur.execute(
             f"""
             INSERT INTO public.audit_logs

@@ -26,6 +26,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +160,7 @@ def django_bulk_create(url: str, path: Path) -> float:
         "PORT": info.get("port", ""),
     }
     spaces = re.compile(r"\s+")
+    now = datetime.now(UTC)
     started = time.perf_counter()
     try:
         with path.open(newline="", encoding="utf-8") as f:
@@ -167,6 +170,8 @@ def django_bulk_create(url: str, path: Path) -> float:
             for inv, unit, lt, desc, q, a in reader:
                 batch.append(
                     InvoiceLine(
+                        id=uuid.uuid4(),  # the mirror model has no defaults: Django sends every column
+                        created_at=now,
                         invoice_id=inv,
                         unit_id=unit,
                         line_type=lt,
@@ -252,6 +257,7 @@ def main() -> None:
                 print(
                     f"    full upsert with audit chain        {result['seconds'] * 1000:10,.0f} ms"
                     f"  ({result['seconds'] / bare:.1f}x bare)  peak RSS {result['peak_rss_mb']:.0f} MB"
+                    f" ({result['ready_rss_mb']:.0f} MB before it started)"
                 )
                 print(
                     f"      inserted {figures['inserted']:,}, updated {figures['updated']:,}, "

@@ -46,6 +46,7 @@ def main() -> int:
     from reconciliation.upsert import batch_upsert
 
     url, csv_path, run_id, batch = sys.argv[1], Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+    ready_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Django and psycopg loaded
     clock = StageClock()
     started = time.perf_counter()
     with psycopg.connect(url) as conn:
@@ -66,6 +67,7 @@ def main() -> int:
             {
                 "seconds": seconds,
                 "peak_rss_mb": peak_kb / 1024,
+                "ready_rss_mb": ready_kb / 1024,
                 "outcome": outcome.as_result(),
                 "stages": "; ".join(clock.stages[1:]),
             }
