@@ -513,6 +513,9 @@ def test_the_form_queues_an_upsert_and_the_pages_show_its_outcome(env, tmp_path,
     assert post(body, "web-2", viewing).status_code == 403
     runs = viewing.get(f"/environments/{env.key}/reconciliation/runs/").content.decode()
     assert "web-1" in runs and "web-2" not in runs
+    assert f"/environments/{env.key}/reconciliation/?run_id=web-1#verify" in runs
+    verify_form = client.get(f"/environments/{env.key}/reconciliation/?run_id=web-1").content.decode()
+    assert 'value="web-1"' in verify_form
     run_row = UpsertRun.objects.get(run_id="web-1")
     audit = viewing.get(f"/environments/{env.key}/reconciliation/runs/{run_row.pk}/audit/").content.decode()
     assert "<strong>insert</strong> 1" in audit and "FEE " in audit
