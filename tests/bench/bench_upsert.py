@@ -112,7 +112,10 @@ def bare_copy(url: str, path: Path) -> float:
         conn.commit()
         try:
             started = time.perf_counter()
-            with path.open("rb") as f, cur.copy("COPY bare_copy FROM STDIN (FORMAT csv, HEADER true)") as copy:
+            with (
+                path.open("rb") as f,
+                cur.copy("COPY bare_copy FROM STDIN (FORMAT csv, HEADER true)") as copy,
+            ):
                 while chunk := f.read(1 << 20):
                     copy.write(chunk)
             conn.commit()
