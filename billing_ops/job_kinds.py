@@ -160,6 +160,7 @@ INVOICE_UPSERT = register(
         handler="reconciliation.services.upsert_execute",
         destructive=True,
         on_settled="reconciliation.services.upsert_settled",
+        detail_context="reconciliation.views.upsert_job_detail_context",
         worker_lost_note=_(
             "The upsert is one transaction: nothing was committed. Run it again with a new run id."
         ),

@@ -88,6 +88,26 @@ def upload_path(name: str) -> Path:
     return Path(settings.UPLOAD_DIR) / name
 
 
+def upload_preview(name: str, *, rows: int = 5, max_bytes: int = 64 * 1024) -> list[list[str]]:
+    """The header and first data rows of a stored upload, for the approver (empty once removed)."""
+    import csv
+    import io
+
+    try:
+        with upload_path(name).open("rb") as f:
+            head = f.read(max_bytes)
+    except (ValueError, OSError):
+        return []
+    text = head.decode("utf-8-sig", errors="replace")
+    if len(head) == max_bytes:
+        text = text[: text.rfind("\n") + 1]  # whole lines only
+    try:
+        records = list(csv.reader(io.StringIO(text, newline="")))
+    except csv.Error:
+        return []
+    return [[cell[:120] for cell in record[:10]] for record in records[: rows + 1]]
+
+
 def file_chunks(path: Path) -> Iterable[bytes]:
     with path.open("rb") as f:
         while chunk := f.read(STORE_CHUNK_BYTES):

@@ -29,7 +29,7 @@ from reconciliation.forms import (
     UpsertVerifyForm,
 )
 from reconciliation.models import UpsertRun
-from reconciliation.services import upsert_request
+from reconciliation.services import upload_preview, upsert_request
 from reconciliation.tables import UpsertRunTable
 
 RUNS_PER_PAGE = 25
@@ -355,3 +355,13 @@ def upsert_verify_request(request: HttpRequest, env_key: str) -> HttpResponse:
         )
 
     return _queue(request, env_key, _("Verification"), request_job)
+
+
+def upsert_job_detail_context(job: Job, user: Any) -> dict[str, Any]:
+    """What the page of an upsert job adds: the run, and (while the job has not settled) the
+    first lines of the file, so that an approver sees what they approve."""
+    access.require_viewer(user)
+    return {
+        "run": UpsertRun.objects.filter(job=job).first(),
+        "preview": [] if job.is_finished else upload_preview(job.params.get("upload", "")),
+    }

@@ -530,3 +530,27 @@ def test_the_sample_run_folder_upserts_cleanly(env) -> None:
     assert outcome.rows_streamed == 20 and outcome.inserted + outcome.duplicates == 20
     assert query(env, RUNBOOK_4_1_DUPLICATES) == [(0,)]
     assert_chain_intact(env)
+
+
+def test_in_a_protected_environment_an_approver_sees_the_file_before_approving(
+    protected_env, clean_environments, tmp_path, inline_jobs
+) -> None:
+    from django.test import Client
+
+    operator, approver = make_user("op", "Operator"), make_user("appr", "Approver")
+    path = write_csv(tmp_path, 'INV-7,U-1,FEE,"Fee, with comma",1,1\n')
+    job = upsert_request(
+        actor=operator,
+        environment=protected_env.key,
+        chunks=file_chunks(path),
+        csv_name="prod-fix.csv",
+        run_id="prod-fix-1",
+        batch_size=10,
+        dry_run=False,
+    )
+    assert job.status == JobStatus.AWAITING_APPROVAL
+    client = Client()
+    client.force_login(approver)
+    page = client.get(f"/jobs/{job.pk}/").content.decode()
+    assert "prod-fix.csv" in page and "<td>Fee, with comma</td>" in page and "prod-fix-1" in page
+    assert query(protected_env, "SELECT count(*) FROM invoice_lines") == [(0,)]

@@ -37,6 +37,16 @@ class StageClock:
         pass
 
 
+def peak_rss_kb() -> int:
+    """This program's peak resident memory. VmHWM starts afresh at exec; ru_maxrss would also
+    count the pages of the parent the child was forked from."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def main() -> int:
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "billing_ops.settings")
     django.setup()
@@ -46,7 +56,7 @@ def main() -> int:
     from reconciliation.upsert import batch_upsert
 
     url, csv_path, run_id, batch = sys.argv[1], Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
-    ready_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Django and psycopg loaded
+    ready_kb = peak_rss_kb()  # Django and psycopg loaded
     clock = StageClock()
     started = time.perf_counter()
     with psycopg.connect(url) as conn:
@@ -61,7 +71,7 @@ def main() -> int:
             report=clock,
         )
     seconds = time.perf_counter() - started
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_kb = peak_rss_kb()
     print(
         json.dumps(
             {
