@@ -109,40 +109,49 @@ def _tool_path(result: dict[str, Any]) -> str:
 def test_the_password_goes_in_a_private_passfile_never_on_the_command_line(
     run_backup, operator, unprotected_env, clean_environments, extra_environment, monkeypatch
 ) -> None:
-    """The test server trusts local connections, so libpq never needs the password; what
-    matters is where the dashboard puts it: a 0600 passfile, gone afterwards."""
+    """Where the dashboard puts the password: a 0600 passfile, gone afterwards. A role of the
+    test's own carries the odd password, so that it is really used where the server asks for
+    one (the private test server does; the machine's may trust local connections)."""
     password = "s3cret-Pw:with\\odd"
+    role = "billing_ops_pwtest"
     db = connections[unprotected_env.alias].settings_dict
-    host = f"{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}"
-    url = f"postgresql://{db['USER']}:s3cret-Pw%3Awith%5Codd@{host}/{db['NAME']}"
-    env = extra_environment("pwtest", url)
-    seen: list[dict[str, Any]] = []
-    real_popen = subprocess.Popen
+    with connections[unprotected_env.alias].cursor() as cursor:
+        cursor.execute(f"DROP ROLE IF EXISTS {role}")
+        cursor.execute(f"CREATE ROLE {role} LOGIN SUPERUSER PASSWORD %s", [password])
+    try:
+        host = f"{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}"
+        url = f"postgresql://{role}:s3cret-Pw%3Awith%5Codd@{host}/{db['NAME']}"
+        env = extra_environment("pwtest", url)
+        seen: list[dict[str, Any]] = []
+        real_popen = subprocess.Popen
 
-    def spy(argv, **kwargs):
-        if "--format=custom" not in argv:  # `pg_dump --version`, pg_restore: no connection
+        def spy(argv, **kwargs):
+            if "--format=custom" not in argv:  # `pg_dump --version`, pg_restore: no connection
+                return real_popen(argv, **kwargs)
+            passfile = kwargs["env"].get("PGPASSFILE")
+            seen.append(
+                {
+                    "argv": list(argv),
+                    "env": dict(kwargs["env"]),
+                    "mode": stat.S_IMODE(os.stat(passfile).st_mode) if passfile else None,
+                    "content": Path(passfile).read_text() if passfile else "",
+                }
+            )
             return real_popen(argv, **kwargs)
-        passfile = kwargs["env"].get("PGPASSFILE")
-        seen.append(
-            {
-                "argv": list(argv),
-                "env": dict(kwargs["env"]),
-                "mode": stat.S_IMODE(os.stat(passfile).st_mode) if passfile else None,
-                "content": Path(passfile).read_text() if passfile else "",
-            }
-        )
-        return real_popen(argv, **kwargs)
 
-    monkeypatch.setattr(backups.subprocess, "Popen", spy)
-    job = run_backup(operator, env)
-    assert job.status == JobStatus.SUCCEEDED, job.error
-    [call] = seen
-    assert not any(password in arg or "s3cret" in arg for arg in call["argv"])
-    assert "PGPASSWORD" not in call["env"] and call["env"]["PGDATABASE"] == db["NAME"]
-    assert call["mode"] == 0o600 and call["content"] == "*:*:*:*:s3cret-Pw\\:with\\\\odd\n"
-    assert not Path(call["env"]["PGPASSFILE"]).exists()
-    everything = f"{job.result} {job.error} {[line.message for line in job.log_lines.all()]}"
-    assert "s3cret" not in everything and url not in everything
+        monkeypatch.setattr(backups.subprocess, "Popen", spy)
+        job = run_backup(operator, env)
+        assert job.status == JobStatus.SUCCEEDED, job.error
+        [call] = seen
+        assert not any(password in arg or "s3cret" in arg for arg in call["argv"])
+        assert "PGPASSWORD" not in call["env"] and call["env"]["PGDATABASE"] == db["NAME"]
+        assert call["mode"] == 0o600 and call["content"] == "*:*:*:*:s3cret-Pw\\:with\\\\odd\n"
+        assert not Path(call["env"]["PGPASSFILE"]).exists()
+        everything = f"{job.result} {job.error} {[line.message for line in job.log_lines.all()]}"
+        assert "s3cret" not in everything and url not in everything
+    finally:
+        with connections[unprotected_env.alias].cursor() as cursor:
+            cursor.execute(f"DROP ROLE IF EXISTS {role}")
 
 
 def test_an_unwritable_folder_fails_clearly_and_leaves_nothing(

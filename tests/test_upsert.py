@@ -352,14 +352,34 @@ def test_two_runs_appending_at_once_keep_one_chain(env, tmp_path) -> None:
         except BaseException as exc:
             errors.append(exc)
 
+    stop = threading.Event()
+    others: list[int] = []
+
+    def other_writer() -> None:
+        # Another writer that links each row to the head in one statement (created_at
+        # defaults to clock_timestamp()), all the while the upserts run.
+        with environment_connect(env, autocommit=True) as conn:
+            while not stop.is_set():
+                conn.execute(
+                    "INSERT INTO audit_logs (action, record_id, hash, previous_hash) SELECT 'other', 'x',"
+                    " md5(random()::text), (SELECT hash FROM audit_logs ORDER BY created_at DESC LIMIT 1)"
+                )
+                others.append(1)
+
+    writer = threading.Thread(target=other_writer)
+    writer.start()
     threads = [threading.Thread(target=one, args=(k,)) for k in range(2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    stop.set()
+    writer.join()
     assert errors == []
-    assert query(env, "SELECT count(*) FROM audit_logs") == [(6003,)]
-    assert query(env, "SELECT count(DISTINCT created_at) FROM audit_logs") == [(6003,)]
+    assert others, "the other writer never wrote"
+    total = 6003 + len(others)
+    assert query(env, "SELECT count(*) FROM audit_logs") == [(total,)]
+    assert query(env, "SELECT count(DISTINCT created_at) FROM audit_logs") == [(total,)]
     assert_chain_intact(env)
 
 
