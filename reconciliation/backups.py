@@ -23,7 +23,6 @@ A later full restore (runbook §6.1) chooses with ``backups_list`` and opens the
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import json
 import os
@@ -46,6 +45,7 @@ from django.utils.translation import gettext as _
 from billing_ops.environments import Environment, environment_connect
 from billing_ops.models import ACTIVE_STATUSES, Job
 from billing_ops.services import Actor, JobCancelled, JobContext, job_request
+from reconciliation.services import file_digest
 
 BACKUP_NAME_RE = re.compile(r"^backup_(?P<env>[a-z][a-z0-9_]{0,30})_(?P<stamp>\d{8}_\d{6})\.dump$")
 PARTIAL_RE = re.compile(r"^\.(?P<name>backup_[a-z0-9_]+\.dump)\.partial-job(?P<job>\d+)(\.json)?$")
@@ -58,7 +58,6 @@ TOOL_VERSION_TIMEOUT_S = 10
 # pg_restore --list reads only the archive's table of contents.
 RESTORE_LIST_TIMEOUT_S = 600
 POLL_INTERVAL_S = 0.5
-HASH_CHUNK_BYTES = 1 << 20
 STDERR_TAIL_LINES = 8
 TOC_TABLES_KEPT = 500
 
@@ -346,7 +345,7 @@ def backup_create(ctx: JobContext) -> dict[str, Any]:
             % {"entries": toc["entries"], "tables": len(toc["tables_with_data"])}
         )
         ctx.progress(3, 4, _("Computing the checksum"))
-        sha256 = _sha256(partial)
+        sha256, _size = file_digest(partial)
         result = {
             "file": name,
             "environment": env.key,
@@ -586,14 +585,6 @@ def toc_parse(listing: str) -> dict[str, Any]:
         "tables_with_data": sorted(with_data)[:TOC_TABLES_KEPT],
         "dumped_from": dumped_from,
     }
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(HASH_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _backup_keep(partial: Path, final: Path, result: dict[str, Any]) -> None:

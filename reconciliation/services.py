@@ -319,7 +319,7 @@ def adhoc_upsert(
     target = adhoc_target(url)
     check_run_id(run_id)
     read_header(csv_path, max_bytes=settings.RECONCILIATION_MAX_CSV_BYTES)  # fail fast, before connecting
-    sha256, size = _digest(csv_path)
+    sha256, size = file_digest(csv_path)
 
     def connect() -> Any:
         return psycopg.connect(
@@ -367,7 +367,8 @@ def adhoc_upsert(
     return outcome
 
 
-def _digest(path: Path) -> tuple[str, int]:
+def file_digest(path: Path) -> tuple[str, int]:
+    """sha256 (hex) and size of a file, read in chunks."""
     digest = hashlib.sha256()
     size = 0
     for chunk in file_chunks(path):
