@@ -71,7 +71,9 @@ MAX_PROBLEMS_LISTED = 1_000
 MAX_FILES_LISTED = 1_000
 SUMMARY_MAX_BYTES = 1 << 20
 PROGRESS_EVERY_RECORDS = 50_000
-_DECIMAL_RE = re.compile(r"^\s*[+-]?(\d+(\.\d*)?|\.\d+)\s*$")
+# What PostgreSQL's numeric input takes (the upsert's COPY reads the same text): no NaN or
+# Infinity, no thousands separators or decimal commas; an exponent (1e3) is a number.
+_DECIMAL_RE = re.compile(r"^\s*[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?\s*$")
 UTF8_BOM = b"\xef\xbb\xbf"
 
 

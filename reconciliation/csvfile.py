@@ -11,7 +11,8 @@ A file of missing invoice lines is:
 - then one line per invoice line: the four text columns not blank and at most
   ``TEXT_LIMITS`` characters; ``quantity`` and ``amount`` plain decimal numbers
   (``12.5``, ``-`` not allowed, no thousands separators or decimal commas) that fit
-  ``numeric(18, 6)`` and ``numeric(18, 2)``; not negative.
+  ``numeric(18, 6)`` and ``numeric(18, 2)``; not negative (an exponent, ``1e3``, is read as
+  PostgreSQL reads it).
 
 The header is checked here, in Python, before anything touches a database. The rows are
 checked by PostgreSQL while COPY streams them into a typed temporary table whose column

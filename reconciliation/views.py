@@ -19,7 +19,6 @@ from billing_ops import access
 from billing_ops import selectors as job_selectors
 from billing_ops.environments import Environment
 from billing_ops.models import Job, JobStatus
-from billing_ops.selectors import describe_error, last_finished_jobs, latest_jobs
 from reconciliation import artifacts, backups, duplicates, indexes, selectors, sessions, verification
 from reconciliation.forms import (
     ArtifactValidateForm,
@@ -47,8 +46,10 @@ RUNBOOK_JOB_KINDS = [
 @require_GET
 def reconciliation_home(request: HttpRequest, env_key: str) -> HttpResponse:
     env = access.get_environment_for_user(request.user, env_key)
-    latest = latest_jobs(environment=env.key, kinds=RUNBOOK_JOB_KINDS)
-    precheck = last_finished_jobs(kind=duplicates.PRECHECK_KIND, environments=[env.key]).get(env.key)
+    latest = job_selectors.latest_jobs(environment=env.key, kinds=RUNBOOK_JOB_KINDS)
+    precheck = job_selectors.last_finished_jobs(kind=duplicates.PRECHECK_KIND, environments=[env.key]).get(
+        env.key
+    )
     resolve = latest.get(duplicates.RESOLVE_KIND)
     already_resolving = (
         precheck is not None
@@ -167,7 +168,7 @@ def invoice_lines_sessions(request: HttpRequest, env_key: str) -> HttpResponse:
     try:
         rows = sessions.invoice_lines_sessions(env)
     except DatabaseError as exc:
-        error = describe_error(exc)
+        error = job_selectors.describe_error(exc)
     context = {
         "env": env,
         "sessions": rows,

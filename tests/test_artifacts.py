@@ -104,7 +104,7 @@ def test_bad_values_are_reported_on_the_line_the_record_starts() -> None:
     csv_text = (
         f"{HEADER}\n"
         'INV-1,U-1,ENERGY,"spans\ntwo lines",1.5,2\n'  # lines 2-3
-        "INV-2,U-1,ENERGY,Energy,1e3,2\n"  # line 4
+        "INV-2,U-1,ENERGY,Energy,1e3,1 000\n"  # line 4
         "INV-3,,FEE,Fee,1,12345678901234567.00\n"  # line 5
         "\n"  # line 6
         "INV-4,U-1,FEE,Fee,1\n"  # line 7
@@ -115,7 +115,7 @@ def test_bad_values_are_reported_on_the_line_the_record_starts() -> None:
         make_folder("values", csv_text, {"run_id": "values", "missing_lines_count": 7})
     )
     assert problems(report) == [
-        ("missing_lines.csv", 4, "quantity", "'1e3' is not a decimal number."),
+        ("missing_lines.csv", 4, "amount", "'1 000' is not a decimal number."),
         ("missing_lines.csv", 5, "unit_id", "Empty; a value is required."),
         ("missing_lines.csv", 5, "amount", "12345678901234567.00 does not fit numeric(18,2)."),
         ("missing_lines.csv", 6, None, "Empty line."),
