@@ -66,6 +66,7 @@ from audit.chain import chain_hash, content_hash, format_created_at, is_ours
 from audit.models import AuditEntry, AuditLog
 from audit.services import CHAIN_DATESTYLE, audit_entry_fields
 from billing_ops.environments import Environment
+from billing_ops.exports import csv_cell
 
 # Rows kept around the one being judged; a row moved further than this is told apart from a
 # deleted one only where the hash column is indexed (the dashboard's).
@@ -129,10 +130,6 @@ AUDIT_CSV_COLUMNS = (
     "hash",
     "previous_hash",
 )
-# A spreadsheet runs a cell starting with one of these as a formula (OWASP "CSV injection");
-# the same rule as the lock report's export (locks.reports).
-CSV_FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
-CSV_FORMULA_ESCAPE = "'"
 
 
 def audit_csv_rows(entries: Iterable[AuditEntry]) -> Iterator[list[str]]:
@@ -143,7 +140,7 @@ def audit_csv_rows(entries: Iterable[AuditEntry]) -> Iterator[list[str]]:
     yield list(AUDIT_CSV_COLUMNS)
     for entry in entries:
         yield [
-            _csv_cell(value)
+            csv_cell(value)
             for value in (
                 entry.pk,
                 format_created_at(entry.created_at),
@@ -165,16 +162,6 @@ def audit_csv(entries: Iterable[AuditEntry]) -> str:
     buffer = io.StringIO()
     csv.writer(buffer).writerows(audit_csv_rows(entries))
     return buffer.getvalue()
-
-
-def _csv_cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        return str(value)  # ids: a number is never a formula and must stay a number
-    if value.startswith(CSV_FORMULA_PREFIXES):
-        return CSV_FORMULA_ESCAPE + value
-    return value
 
 
 # --- Verification ---------------------------------------------------------------------------

@@ -50,6 +50,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from billing_ops.environments import Environment
+from billing_ops.exports import csv_cell
 from billing_ops.selectors import describe_error, run_per_environment
 from locks.selectors import (
     INITIAL_PROCESS_STAGE,
@@ -83,9 +84,6 @@ RUN_KEYS = (
     "locked_entity_types",
 )
 CSV_COLUMNS = ("environment", "label", "host", *RUN_KEYS, "error")
-# A spreadsheet runs a cell starting with one of these as a formula (OWASP "CSV injection").
-CSV_FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
-CSV_FORMULA_ESCAPE = "'"
 # Characters that would end a markdown table cell or start markup inside one.
 MARKDOWN_SPECIAL = "\\`*[]<>|"
 
@@ -206,17 +204,7 @@ def render_csv(report: dict[str, Any]) -> str:
 
 
 def _csv_cells(values: Iterable[Any]) -> list[str]:
-    return [_csv_cell(value) for value in values]
-
-
-def _csv_cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        return str(value)  # integers: a number is never a formula, and must stay a number
-    if value.startswith(CSV_FORMULA_PREFIXES):
-        return CSV_FORMULA_ESCAPE + value
-    return value
+    return [csv_cell(value) for value in values]
 
 
 # --- Markdown ---------------------------------------------------------------------------------

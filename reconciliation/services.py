@@ -202,20 +202,6 @@ def _require_unused_run_id(env: Environment, run_id: str) -> None:
 # --- Running ---------------------------------------------------------------------------------------
 
 
-class _JobReporter:
-    def __init__(self, ctx: JobContext) -> None:
-        self.ctx = ctx
-
-    def log(self, message: str) -> None:
-        self.ctx.log(message)
-
-    def progress(self, done: int, total: int | None = None, message: str = "") -> None:
-        self.ctx.progress(done, total, message)
-
-    def check_cancel(self) -> None:
-        self.ctx.check_cancel()
-
-
 def upsert_execute(ctx: JobContext) -> dict[str, Any]:
     """The job: run the upsert in the environment and keep its outcome on the run."""
     assert ctx.env is not None
@@ -227,7 +213,7 @@ def upsert_execute(ctx: JobContext) -> dict[str, Any]:
         connect=lambda: environment_connect(ctx.env, application_name=f"billing-ops upsert job {ctx.job_id}"),
         run=run,
         csv_path=path,
-        report=_JobReporter(ctx),
+        report=ctx,  # a JobContext logs, reports progress and checks for a cancel
     )
     return outcome.as_result()
 

@@ -185,9 +185,7 @@ def batch_upsert(
             )
             report.log(f"{PREFIX} Audit logs written for run_id={run_id}")
             report.check_cancel()
-    except CsvError:
-        raise
-    except UpsertRefused:
+    except (CsvError, UpsertRefused):
         raise
     except Exception as exc:
         problem = copy_error(exc, path=csv_path, header=header, file=csv_name)
@@ -279,6 +277,7 @@ def _duplicate_examples(cur: Any) -> list[dict[str, Any]]:
 def _upsert_batches(cur: Any, *, keys: int, batch_size: int, report: Reporter) -> int:
     batches = -(-keys // batch_size)
     changed = 0  # upsert_changed.k of the last line changed so far
+    report.progress(0, batches + 1, f"Normalized: {keys} keys, {batches} batches to upsert")
     for number, low in enumerate(range(0, keys, batch_size), start=1):
         report.check_cancel()
         bounds = {"low": low, "high": low + batch_size}

@@ -31,7 +31,8 @@ class StageClock:
         self.last = now
 
     def progress(self, done: int, total: int | None = None, message: str = "") -> None:
-        pass
+        if message.startswith("Normalized"):  # the normalization and dedup, before the batches
+            self.log("normalized and deduplicated")
 
     def check_cancel(self) -> None:
         pass
