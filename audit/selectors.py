@@ -210,9 +210,6 @@ class ChainReport:
     def linkage_only(self) -> int:
         return self.entries - self.recomputed
 
-    def damages_of(self, entry_id: int) -> set[DamageKind]:
-        return {damage.kind for damage in self.damages if damage.entry_id == entry_id}
-
 
 def dashboard_chain_verify(*, chunk_rows: int = VERIFY_CHUNK_ROWS) -> ChainReport:
     """Verify the dashboard's own audit chain (``default``), in constant memory."""

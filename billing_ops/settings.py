@@ -42,13 +42,6 @@ def _load_devstack_env() -> None:
 _load_devstack_env()
 
 
-def env_str(name: str, default: str | None = None) -> str:
-    value = os.environ.get(name, default)
-    if value is None:
-        raise ImproperlyConfigured(f"{name} is not set")
-    return value
-
-
 def env_bool(name: str, default: bool) -> bool:
     raw = os.environ.get(name)
     if raw is None or raw == "":
