@@ -229,6 +229,7 @@ def job_refuse(*, actor: Actor, job_id: int, comment: str = "") -> Job:
             job.pk,
             _("Refused by %(user)s.") % {"user": actor.get_username()} + (f" {comment}" if comment else ""),
         )
+        transaction.on_commit(lambda: _kind_settled(job))
     return job
 
 
@@ -245,6 +246,7 @@ def job_cancel(*, actor: Actor, job_id: int) -> Job:
             job.save(update_fields=["status", "finished_at"])
             _claims_release(job.pk)
             job_log(job.pk, _("Cancelled by %(user)s before it started.") % {"user": actor.get_username()})
+            transaction.on_commit(lambda: _kind_settled(job))
         elif job.status == JobStatus.RUNNING:
             job.cancel_requested = True
             job.save(update_fields=["cancel_requested"])
@@ -482,13 +484,20 @@ def _job_settled(job_id: int, *, actor: str = SYSTEM_WORKER) -> None:
         params={"kind": job.kind, "worker": job.worker, "attempts": job.attempts},
         outcome={"status": job.status, "error": job.error[:2000], "result": job.result or {}},
     )
+    _kind_settled(job)
+
+
+def _kind_settled(job: Job) -> None:
+    """Let the job's kind react to its end, however it came (ran, refused, cancelled before
+    it started): notifications, its own records, files to remove. A failing hook is
+    logged, never undoes the outcome."""
     kind = REGISTRY.get(job.kind)
     if kind is None or not kind.on_settled:
         return
     try:
         import_string(kind.on_settled)(job)
     except Exception:
-        logger.exception("on_settled hook of job %s failed", job_id)
+        logger.exception("on_settled hook of job %s failed", job.pk)
 
 
 def _check_approval(kind: JobKind, env: Environment | None, job: Job) -> None:

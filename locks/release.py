@@ -816,6 +816,11 @@ def released_rows_digest(plan_id: int) -> str:
     return _copy_digest(released.format(plan=int(plan_id)))
 
 
+def _never_ran(job: Job) -> bool:
+    """Refused, or cancelled before it started."""
+    return job.status in (JobStatus.REFUSED, JobStatus.CANCELLED) and job.started_at is None
+
+
 def release_settled(job: Job) -> None:
     """After a release job settled (any outcome): record what went in the audit trail (the
     rows themselves stay in the plan, restorable, under the digest recorded here) and tell
@@ -823,6 +828,8 @@ def release_settled(job: Job) -> None:
     from audit.services import SYSTEM_WORKER, audit_record
     from billing_ops.notifications import notify
 
+    if _never_ran(job):  # nothing went; the refusal or cancel is in the audit trail already
+        return
     env = get_environment(job.environment)
     plan = LockReleasePlan.objects.filter(pk=job.params.get("plan_id")).first()
     result = job.result or (release_result(plan) if plan else {})
@@ -874,6 +881,9 @@ def release_settled(job: Job) -> None:
 def restore_settled(job: Job) -> None:
     """After a restore settled: record it in the audit trail."""
     from audit.services import SYSTEM_WORKER, audit_record
+
+    if _never_ran(job):
+        return
 
     audit_record(
         actor=SYSTEM_WORKER,

@@ -12,7 +12,9 @@ from typing import Any
 
 import psycopg
 import pytest
+from django.core.exceptions import ValidationError
 from django.core.management import CommandError, call_command
+from django.db import connections
 
 from audit.chain import entry_hash
 from audit.selectors import environment_chain_verify
@@ -103,6 +105,27 @@ def run(
             dry_run=dry_run,
             report=report,
         )
+
+
+def request_upsert(
+    actor: Any,
+    env: Environment,
+    path: Path,
+    run_id: str,
+    *,
+    csv_name: str | None = None,
+    dry_run: bool = False,
+) -> Job:
+    """The form's request, as the web view and the command make it."""
+    return upsert_request(
+        actor=actor,
+        environment=env.key,
+        chunks=file_chunks(path),
+        csv_name=csv_name or path.name,
+        run_id=run_id,
+        batch_size=10,
+        dry_run=dry_run,
+    )
 
 
 def query(env: Environment, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
@@ -413,15 +436,7 @@ def test_a_run_id_is_used_once_per_environment(env, tmp_path, inline_jobs) -> No
     path = write_csv(tmp_path, "INV-1,U-1,FEE,fee,1,1\n")
 
     def request(run_id: str, dry_run: bool = False) -> Job:
-        return upsert_request(
-            actor=operator,
-            environment=env.key,
-            chunks=file_chunks(path),
-            csv_name=path.name,
-            run_id=run_id,
-            batch_size=10,
-            dry_run=dry_run,
-        )
+        return request_upsert(operator, env, path, run_id, dry_run=dry_run)
 
     job = request("fix-1")
     job_execute(job_id=job.pk, worker="test")
@@ -436,8 +451,6 @@ def test_a_run_id_is_used_once_per_environment(env, tmp_path, inline_jobs) -> No
     assert [
         line.message for line in JobLogLine.objects.filter(job=job, message__startswith="[batch_upsert]")
     ][-1] == ("[batch_upsert] Done.")
-    from django.core.exceptions import ValidationError
-
     with pytest.raises(ValidationError, match="already used"):
         request("fix-1")
     request("fix-1", dry_run=True)  # a dry run reserves nothing and may reuse it
@@ -452,15 +465,7 @@ def test_a_run_id_is_used_once_per_environment(env, tmp_path, inline_jobs) -> No
 def test_a_failed_job_says_nothing_was_committed_and_removes_the_upload(env, tmp_path, inline_jobs) -> None:
     operator = make_user("op", "Operator")
     path = write_csv(tmp_path, "INV-1,U-1,FEE,fee,1,1\nINV-2,U-1,FEE,fee,x,1\n")
-    job = upsert_request(
-        actor=operator,
-        environment=env.key,
-        chunks=file_chunks(path),
-        csv_name="bad.csv",
-        run_id="bad-1",
-        batch_size=10,
-        dry_run=False,
-    )
+    job = request_upsert(operator, env, path, "bad-1", csv_name="bad.csv")
     from reconciliation.services import upload_path
 
     stored = upload_path(job.params["upload"])
@@ -559,18 +564,88 @@ def test_in_a_protected_environment_an_approver_sees_the_file_before_approving(
 
     operator, approver = make_user("op", "Operator"), make_user("appr", "Approver")
     path = write_csv(tmp_path, 'INV-7,U-1,FEE,"Fee, with comma",1,1\n')
-    job = upsert_request(
-        actor=operator,
-        environment=protected_env.key,
-        chunks=file_chunks(path),
-        csv_name="prod-fix.csv",
-        run_id="prod-fix-1",
-        batch_size=10,
-        dry_run=False,
-    )
+    job = request_upsert(operator, protected_env, path, "prod-fix-1", csv_name="prod-fix.csv")
     assert job.status == JobStatus.AWAITING_APPROVAL
     client = Client()
     client.force_login(approver)
     page = client.get(f"/jobs/{job.pk}/").content.decode()
     assert "prod-fix.csv" in page and "<td>Fee, with comma</td>" in page and "prod-fix-1" in page
     assert query(protected_env, "SELECT count(*) FROM invoice_lines") == [(0,)]
+
+
+def test_a_cancel_between_batches_rolls_everything_back(env, tmp_path) -> None:
+    from billing_ops.services import JobCancelled
+
+    class CancelAfterTwoBatches(Recorder):
+        def check_cancel(self) -> None:
+            if self.batches >= 2:
+                raise JobCancelled()
+
+    existing_line(env, "INV-0", "U-1", "FEE", "fee", "1", "1")
+    before = snapshot(env)
+    body = "".join(f"INV-{n},U-1,FEE,fee,1,1\n" for n in range(1, 9))
+    report = CancelAfterTwoBatches()
+    with pytest.raises(JobCancelled):
+        run(env, write_csv(tmp_path, body), batch_size=2, report=report)
+    assert report.batches == 2
+    assert snapshot(env) == before
+
+
+def test_a_refused_upsert_fails_its_run_and_removes_the_file(
+    protected_env, clean_environments, tmp_path, inline_jobs
+) -> None:
+    from billing_ops.services import job_refuse
+    from reconciliation.services import upload_path
+
+    operator, approver = make_user("op", "Operator"), make_user("appr", "Approver")
+    job = request_upsert(operator, protected_env, write_csv(tmp_path, "INV-1,U-1,FEE,fee,1,1\n"), "prod-2")
+    stored = upload_path(job.params["upload"])
+    assert stored.exists()
+    job_refuse(actor=approver, job_id=job.pk, comment="not today")
+    run_row = UpsertRun.objects.get(job=job)
+    assert run_row.status == UpsertRunStatus.FAILED and run_row.error.endswith("Nothing was committed.")
+    assert not stored.exists()
+    with pytest.raises(ValidationError, match="already used"):  # the run id stays taken
+        request_upsert(operator, protected_env, write_csv(tmp_path, "INV-1,U-1,FEE,fee,1,1\n"), "prod-2")
+
+
+def test_an_upsert_by_database_url_is_in_the_dashboards_audit_trail_without_credentials(
+    env, tmp_path
+) -> None:
+    from audit.models import AuditEntry
+
+    make_user("operator1", "Operator")
+    url = _test_url(env.alias)
+    call_command(
+        "batch_upsert",
+        "--csv",
+        str(write_csv(tmp_path, "INV-1,U-1,FEE,fee,1,1\n")),
+        "--run-id",
+        "url-1",
+        "--database-url",
+        url,
+        "--actor",
+        "operator1",
+    )
+    entry = AuditEntry.objects.get(action="upsert.adhoc")
+    db = connections[env.alias].settings_dict
+    assert entry.environment == f"url:{db['HOST'] or 'localhost'}:{db['PORT'] or 5432}/{db['NAME']}"
+    assert entry.actor_name == "operator1" and entry.outcome["status"] == "succeeded"
+    assert entry.outcome["inserted"] == "1"
+    if db["PASSWORD"]:
+        assert db["PASSWORD"] not in f"{entry.environment} {entry.params} {entry.outcome}"
+    assert UpsertRun.objects.get(run_id="url-1").environment == entry.environment
+
+
+def test_an_upsert_cancelled_before_it_ran_fails_its_run_and_removes_the_file(
+    env, tmp_path, inline_jobs
+) -> None:
+    from billing_ops.services import job_cancel
+    from reconciliation.services import upload_path
+
+    operator = make_user("op", "Operator")
+    job = request_upsert(operator, env, write_csv(tmp_path, "INV-1,U-1,FEE,fee,1,1\n"), "never-ran")
+    assert job.status == JobStatus.QUEUED  # the broker is unreachable: no worker took it
+    job_cancel(actor=operator, job_id=job.pk)
+    assert UpsertRun.objects.get(job=job).status == UpsertRunStatus.FAILED
+    assert not upload_path(job.params["upload"]).exists()
