@@ -57,25 +57,61 @@ FAILED_RECENT_DAYS = 7
 
 
 def notify(*, subject: str, body: str, source: str) -> list[Notification]:
-    """Queue a message for every configured recipient; delivered after the commit.
+    """Queue an alert for every configured alert recipient (``ALERT_EMAILS`` and
+    ``ALERT_WEBHOOK_URL``); delivered after the commit. See ``_queue``."""
+    return _queue(
+        emails=settings.ALERT_EMAILS,
+        email_subject=subject,
+        email_body=body,
+        webhook_url=settings.ALERT_WEBHOOK_URL,
+        webhook_text=f"*{' '.join(subject.split())[:SUBJECT_MAX_CHARS]}*\n{body}",
+        source=source,
+    )
 
-    One row per recipient (each address in ``ALERT_EMAILS``, and ``ALERT_WEBHOOK_URL``), so
-    that a refused address is retried on its own. With nobody configured, nothing is written.
-    """
+
+def notify_stakeholders(
+    *, email_subject: str, email_body: str, ops_text: str, source: str
+) -> list[Notification]:
+    """Tell the people runbook §6.3 names that data was put back (a rollback, a restore):
+    the ops channel (``OPS_WEBHOOK_URL``) gets ``ops_text`` as it is (one line, e.g.
+    ``🔴 Rollback executed for run <RUN_ID>. Reason: <reason>``); the product owner and
+    finance (``STAKEHOLDER_EMAILS``) get the email. Call it in the transaction that
+    records the change."""
+    return _queue(
+        emails=settings.STAKEHOLDER_EMAILS,
+        email_subject=email_subject,
+        email_body=email_body,
+        webhook_url=settings.OPS_WEBHOOK_URL,
+        webhook_text=ops_text,
+        source=source,
+    )
+
+
+def _queue(
+    *,
+    emails: list[str],
+    email_subject: str,
+    email_body: str,
+    webhook_url: str,
+    webhook_text: str,
+    source: str,
+) -> list[Notification]:
+    """Write one outbox row per recipient, so that a refused address is retried on its
+    own, and ask for delivery after the commit. With nobody configured, nothing is written."""
     # Email headers cannot carry line breaks, and chat titles should stay one line.
-    subject = " ".join(subject.split())[:SUBJECT_MAX_CHARS]
+    subject = " ".join(email_subject.split())[:SUBJECT_MAX_CHARS]
     rows = [
-        Notification(channel=NotificationChannel.EMAIL, recipient=address, subject=subject, body=body)
-        for address in settings.ALERT_EMAILS
+        Notification(channel=NotificationChannel.EMAIL, recipient=address, subject=subject, body=email_body)
+        for address in emails
     ]
-    if settings.ALERT_WEBHOOK_URL:
+    if webhook_url:
         rows.append(
             Notification(
                 channel=NotificationChannel.WEBHOOK,
-                recipient=settings.ALERT_WEBHOOK_URL,
+                recipient=webhook_url,
                 subject=subject,
-                body=body,
-                payload={"text": f"*{subject}*\n{body}"},  # Slack's (and Mattermost's) format
+                body=email_body,
+                payload={"text": webhook_text},  # Slack's (and Mattermost's) format
             )
         )
     if not rows:

@@ -239,6 +239,16 @@ for _address in ALERT_EMAILS:
 ALERT_WEBHOOK_URL = os.environ.get("BILLING_OPS_ALERT_WEBHOOK_URL", "").strip()
 if ALERT_WEBHOOK_URL and not ALERT_WEBHOOK_URL.lower().startswith(("http://", "https://")):
     raise ImproperlyConfigured("BILLING_OPS_ALERT_WEBHOOK_URL must be an http:// or https:// URL")
+# Who hears that a reconciliation was rolled back or an environment restored (runbook §6.3):
+# the ops channel (a Slack-compatible webhook; default: the alert webhook) and the product
+# owner / finance by email (default: nobody).
+STAKEHOLDER_EMAILS = env_list("BILLING_OPS_STAKEHOLDER_EMAILS", "")
+for _address in STAKEHOLDER_EMAILS:
+    if _address.count("@") != 1 or _address.startswith("@") or _address.endswith("@") or " " in _address:
+        raise ImproperlyConfigured(f"BILLING_OPS_STAKEHOLDER_EMAILS: not an email address: {_address!r}")
+OPS_WEBHOOK_URL = os.environ.get("BILLING_OPS_OPS_WEBHOOK_URL", "").strip() or ALERT_WEBHOOK_URL
+if OPS_WEBHOOK_URL and not OPS_WEBHOOK_URL.lower().startswith(("http://", "https://")):
+    raise ImproperlyConfigured("BILLING_OPS_OPS_WEBHOOK_URL must be an http:// or https:// URL")
 # How often beat looks for notifications that are due (new ones are also sent on commit).
 NOTIFICATION_DELIVER_INTERVAL_S = env_int("BILLING_OPS_NOTIFICATION_DELIVER_INTERVAL_S", 30, minimum=1)
 
