@@ -32,19 +32,17 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
 from django.conf import settings
 
-from audit.chain import HASH_SCHEME, chain_hash
+from reconciliation.auditlog import SCHEME, append_audit_rows, json_object_sql
 from reconciliation.csvfile import STAGING_TABLE, STAGING_TABLE_SQL, CsvError, CsvHeader, copy_error
 
 UPSERT_ACTION = "upsert_missing_lines"
 RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,99}")
 COPY_CHUNK_BYTES = 1 << 20
-CHAIN_CHUNK_ROWS = 50_000
 DUPLICATE_EXAMPLES = 20
 PREFIX = "[batch_upsert]"
 TEMP_BUFFERS = "1GB"  # an upper bound: local buffers are allocated as the tables grow
@@ -180,8 +178,12 @@ def batch_upsert(
                 )
             report.check_cancel()
             report.progress(outcome.batches, outcome.batches + 1, "Writing the audit trail")
-            outcome.audit_rows, outcome.audit_head = _write_audit(
-                cur, run_id=run_id, rows=outcome.inserted + outcome.updated
+            outcome.audit_rows, outcome.audit_head = append_audit_rows(
+                cur,
+                action=UPSERT_ACTION,
+                rows_sql=_AUDIT_ROWS,
+                rows=outcome.inserted + outcome.updated,
+                params={"run_id": run_id},
             )
             report.log(f"{PREFIX} Audit logs written for run_id={run_id}")
             report.check_cancel()
@@ -340,56 +342,18 @@ def _upsert_batches(cur: Any, *, keys: int, batch_size: int, report: Reporter) -
     return batches
 
 
-def _json_text(expr: str) -> str:
-    return f"to_json({expr})::text"
-
-
-_NEW_JSON = (
-    "'{\"amount\":' || "
-    + _json_text("c.amount")
-    + " || ',\"description\":' || "
-    + _json_text("c.description")
-    + f' || \',"hash_scheme":"{HASH_SCHEME}","invoice_id":\' || '
-    + _json_text("c.invoice_id")
-    + " || ',\"line_type\":' || "
-    + _json_text("c.line_type")
-    + " || ',\"operation\":' || CASE WHEN c.inserted THEN '\"insert\"' ELSE '\"update\"' END"
-    + " || ',\"quantity\":' || "
-    + _json_text("c.quantity")
-    + " || ',\"run_id\":' || "
-    + _json_text("%(run_id)s::text")
-    + " || ',\"unit_id\":' || "
-    + _json_text("c.unit_id")
-    + " || '}'"
+# The audit row of a changed line (reconciliation.auditlog), one per upsert_changed.k.
+_LINE_VALUES = ("amount", "description", "invoice_id", "line_type", "quantity", "unit_id")
+_NEW_JSON = json_object_sql(
+    {
+        **{column: f"c.{column}" for column in _LINE_VALUES},
+        "hash_scheme": SCHEME,
+        "operation": "CASE WHEN c.inserted THEN 'insert' ELSE 'update' END",
+        "run_id": "%(run_id)s::text",
+    }
 )
-_OLD_JSON = (
-    "'{\"amount\":' || "
-    + _json_text("o.amount")
-    + " || ',\"description\":' || "
-    + _json_text("o.description")
-    + " || ',\"invoice_id\":' || "
-    + _json_text("o.invoice_id")
-    + " || ',\"line_type\":' || "
-    + _json_text("o.line_type")
-    + " || ',\"quantity\":' || "
-    + _json_text("o.quantity")
-    + " || ',\"unit_id\":' || "
-    + _json_text("o.unit_id")
-    + " || '}'"
-)
-# audit.chain.canonical_json, built in SQL (keys in sorted order; to_json escapes like json.dumps).
-_CANONICAL = (
-    f'\'{{"action":"{UPSERT_ACTION}","created_at":\' || '
-    + _json_text("to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')")
-    + " || ',\"new_data\":' || new_json || ',\"old_data\":' || coalesce(old_json, 'null')"
-    + " || ',\"record_id\":' || "
-    + _json_text("record_id")
-    + " || '}'"
-)
-
-
-# One chunk of audit rows, built from the changed lines (not materialized: 1M rows of JSON
-# would be ~500 MB of temporary table). k numbers the changed lines 1..n in upsert order.
+_OLD_JSON = json_object_sql({column: f"o.{column}" for column in _LINE_VALUES})
+# Not materialized: 1M rows of JSON would be ~500 MB of temporary table.
 _AUDIT_ROWS = f"""
     SELECT c.k, c.id::text AS record_id,
            %(first)s::timestamptz + (c.k - 1) * interval '1 microsecond' AS created_at,
@@ -398,68 +362,3 @@ _AUDIT_ROWS = f"""
       FROM upsert_changed c LEFT JOIN upsert_old o ON o.id = c.id
      WHERE c.k > %(low)s AND c.k <= %(high)s
 """
-
-
-def _write_audit(cur: Any, *, run_id: str, rows: int) -> tuple[int, str | None]:
-    """Append one chained audit row per changed line; returns (rows, the chain's new head).
-
-    Per chunk of CHAIN_CHUNK_ROWS: the content hashes in SQL, the chain step here, the
-    rows inserted in order. Memory: one chunk of hashes.
-    """
-    cur.execute("LOCK TABLE public.audit_logs IN SHARE ROW EXCLUSIVE MODE")
-    cur.execute("SELECT hash, created_at FROM public.audit_logs ORDER BY created_at DESC, id DESC LIMIT 1")
-    head = cur.fetchone()
-    previous: str | None = head[0] if head else None
-    if rows == 0:
-        return 0, previous
-    cur.execute("SELECT clock_timestamp()")
-    now: datetime = cur.fetchone()[0]
-    first = now - timedelta(microseconds=rows)
-    if head is not None and first <= head[1]:
-        first = head[1] + timedelta(microseconds=1)
-    last = first + timedelta(microseconds=rows - 1)
-    cur.execute(
-        "CREATE TEMPORARY TABLE upsert_chain (k bigint, hash text, previous_hash text) ON COMMIT DROP"
-    )
-    written = 0
-    for low in range(0, rows, CHAIN_CHUNK_ROWS):
-        bounds = {"first": first, "run_id": run_id, "low": low, "high": low + CHAIN_CHUNK_ROWS}
-        cur.execute("TRUNCATE upsert_chain")
-        cur.execute(
-            f"""
-            SELECT k, encode(sha256(convert_to({_CANONICAL}, 'UTF8')), 'hex')
-              FROM ({_AUDIT_ROWS}) a ORDER BY k
-            """,
-            bounds,
-        )
-        # Read the chunk's hashes row by row from this cursor's result while another
-        # cursor of the same connection COPYs the chained hashes in (no list of the chunk).
-        with (
-            cur.connection.cursor() as sink,
-            sink.copy("COPY upsert_chain (k, hash, previous_hash) FROM STDIN") as copy,
-        ):
-            for k, content in cur:
-                digest = chain_hash(previous, content)
-                copy.write_row((k, digest, previous))
-                previous = digest
-        cur.execute(
-            f"""
-            INSERT INTO public.audit_logs
-                   (action, record_id, old_data, new_data, hash, previous_hash, created_at)
-            SELECT '{UPSERT_ACTION}', a.record_id, a.old_json::jsonb, a.new_json::jsonb,
-                   h.hash, h.previous_hash,
-                   a.created_at
-              FROM ({_AUDIT_ROWS}) a JOIN upsert_chain h USING (k)
-             ORDER BY a.k
-            """,
-            bounds,
-        )
-        written += cur.rowcount
-    if written != rows:
-        raise UpsertFailed(f"wrote {written} audit rows for {rows} changed lines")
-    # Whoever appends after our commit stamps clock_timestamp(): it must sort after our last row.
-    cur.execute(
-        "SELECT pg_sleep(GREATEST(0, extract(epoch FROM %s::timestamptz - clock_timestamp()) + 0.000001))",
-        [last],
-    )
-    return written, previous
