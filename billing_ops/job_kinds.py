@@ -35,6 +35,10 @@ class JobKind:
     # kind (e.g. the release preview an approver must see), rendered by
     # billing_ops/details/<kind>.html.
     detail_context: str = ""
+    # Dotted path of a callable(job) run when an approver approves, in the approval's
+    # transaction; it raises ValidationError when the job may no longer be approved (e.g.
+    # the data changed since the preview the request was made from).
+    approval_check: str = ""
 
     def needs_approval(self, env: Environment | None) -> bool:
         if self.always_needs_approval:
@@ -198,5 +202,21 @@ UPSERT_VERIFY = register(
         handler="reconciliation.verification.upsert_verify",
         resumable=True,
         worker_lost_note=_("The verification only reads; it is safe to run again."),
+    )
+)
+
+UPSERT_ROLLBACK = register(
+    JobKind(
+        name="upsert_rollback",
+        label=_("Roll back an upsert run"),
+        handler="reconciliation.rollback.rollback_execute",
+        destructive=True,
+        always_needs_approval=True,
+        on_settled="reconciliation.rollback.rollback_settled",
+        detail_context="reconciliation.views.rollback_job_detail_context",
+        approval_check="reconciliation.rollback.rollback_approval_check",
+        worker_lost_note=_(
+            "The rollback is one transaction: nothing was committed. Request it again from a new preview."
+        ),
     )
 )

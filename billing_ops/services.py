@@ -181,6 +181,9 @@ def job_approve(*, actor: Actor, job_id: int, digest: str, comment: str = "") ->
         job = _job_for_decision(actor=actor, job_id=job_id)
         if digest != job.params_digest:
             raise ValidationError(_("The job's parameters changed since you reviewed them; review it again."))
+        check = get_kind(job.kind).approval_check
+        if check:
+            import_string(check)(job)
         job.status = JobStatus.QUEUED
         job.approved_by = user_of(actor)
         job.approved_at = timezone.now()

@@ -67,3 +67,17 @@ class ArtifactValidateForm(forms.Form):
 class UpsertVerifyForm(forms.Form):
     # Any run id: runs of the old script are verified too. It is only ever a bound parameter.
     run_id = forms.CharField(label=_("Run id"), max_length=RUN_ID_MAX_LENGTH, strip=True)
+
+
+class RollbackRequestForm(forms.Form):
+    """The rollback of a run as previewed: the digest ties the request to that preview."""
+
+    run_id = forms.CharField(max_length=RUN_ID_MAX_LENGTH, widget=forms.HiddenInput)
+    digest = forms.CharField(max_length=64, min_length=64, widget=forms.HiddenInput)
+    reason = forms.CharField(
+        label=_("Reason"),
+        max_length=1000,
+        widget=forms.Textarea(attrs={"rows": 2}),
+        help_text=_("Sent to the ops channel and the stakeholders with the result (runbook §6.3)."),
+    )
+    confirmation = forms.CharField(label=_("Type the environment's name to confirm"), required=False)

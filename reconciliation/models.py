@@ -77,3 +77,55 @@ class UpsertRun(models.Model):
 
     def __str__(self) -> str:
         return f"{self.environment}:{self.run_id}"
+
+
+class RollbackStatus(models.TextChoices):
+    REQUESTED = "requested", "requested"
+    SUCCEEDED = "succeeded", "succeeded"
+    FAILED = "failed", "failed"
+
+
+class RunRollback(models.Model):
+    """A rollback of one upsert run (runbook §6.2), requested with its preview's digest.
+
+    At most one per run is requested or done (a partial unique constraint): a second
+    rollback of a run is refused by the database, not only by a check. A rollback that
+    failed, was refused or cancelled frees the run for a new request. Runs of the old
+    script, recorded only in ``audit_logs``, are rolled back the same way: the run is named
+    by its run id, not by an ``UpsertRun``.
+    """
+
+    environment = models.CharField(max_length=200)
+    run_id = models.CharField(max_length=200)
+    job = models.OneToOneField("billing_ops.Job", on_delete=models.PROTECT, related_name="+")
+    requested_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+")
+    reason = models.TextField()
+    # sha256 over the preview (reconciliation.rollback): what the approver approves.
+    preview_digest = models.CharField(max_length=64)
+    planned_delete = models.BigIntegerField(default=0)
+    planned_restore = models.BigIntegerField(default=0)
+    planned_conflicts = models.BigIntegerField(default=0)
+    status = models.CharField(max_length=16, choices=RollbackStatus.choices, default=RollbackStatus.REQUESTED)
+    deleted = models.BigIntegerField(default=0)
+    restored = models.BigIntegerField(default=0)
+    skipped = models.BigIntegerField(default=0)
+    requested_at = models.DateTimeField(auto_now_add=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    error = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["environment", "run_id"],
+                condition=models.Q(status__in=["requested", "succeeded"]),
+                name="rollback_once_per_run",
+            ),
+            models.CheckConstraint(
+                condition=models.Q(status__in=["requested", "succeeded", "failed"]),
+                name="rollback_status_valid",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"rollback of {self.environment}:{self.run_id} ({self.status})"

@@ -6,8 +6,10 @@ import json
 from typing import Any
 
 from django.db import connections
+from django.db.models import OuterRef, QuerySet, Subquery
 
 from billing_ops.environments import Environment
+from reconciliation.models import RollbackStatus, RunRollback, UpsertRun
 from reconciliation.upsert import UPSERT_ACTION
 
 AUDIT_ROWS_PER_PAGE = 100
@@ -57,3 +59,17 @@ def run_audit_rows(env: Environment, run_id: str, *, page: int) -> tuple[list[di
             if isinstance(row[key], str):
                 row[key] = json.loads(row[key])
     return rows[:AUDIT_ROWS_PER_PAGE], len(rows) > AUDIT_ROWS_PER_PAGE
+
+
+def with_rollbacks(runs: QuerySet[UpsertRun]) -> QuerySet[UpsertRun]:
+    """Runs with their rollback, if one was requested or done: ``rollback_status`` and
+    ``rollback_job_id`` (None without one)."""
+    rollbacks = RunRollback.objects.filter(
+        environment=OuterRef("environment"),
+        run_id=OuterRef("run_id"),
+        status__in=[RollbackStatus.REQUESTED, RollbackStatus.SUCCEEDED],
+    )
+    return runs.annotate(
+        rollback_status=Subquery(rollbacks.values("status")[:1]),
+        rollback_job_id=Subquery(rollbacks.values("job_id")[:1]),
+    )

@@ -44,6 +44,25 @@ class UpsertRunTable(tables.Table):
         empty_values=(),
     )
 
+    rollback = tables.TemplateColumn(
+        "{% if record.rollback_status == 'succeeded' %}"
+        '<a href="{% url "job_detail" record.rollback_job_id %}">{{ rolled_back_label }}</a>'
+        "{% elif record.rollback_status == 'requested' %}"
+        '<a href="{% url "job_detail" record.rollback_job_id %}">{{ requested_label }}</a>'
+        "{% elif not record.dry_run and record.status == 'succeeded'"
+        " and record.inserted|add:record.updated %}"
+        '<a href="{% url "rollback_preview" record.environment %}?run_id={{ record.run_id|urlencode }}">'
+        "{{ preview_label }}</a>{% endif %}",
+        verbose_name=_("Rollback"),
+        extra_context={
+            "rolled_back_label": _("rolled back"),
+            "requested_label": _("rollback requested"),
+            "preview_label": _("roll back…"),
+        },
+        orderable=False,
+        empty_values=(),
+    )
+
     class Meta:
         model = UpsertRun
         fields = (

@@ -59,4 +59,9 @@ urlpatterns = [
         views.upsert_verify_request,
         name="upsert_verify_request",
     ),
+    path(
+        "environments/<str:env_key>/reconciliation/rollback/",
+        views.rollback_preview,
+        name="rollback_preview",
+    ),
 ]

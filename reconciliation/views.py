@@ -17,17 +17,27 @@ from django_tables2 import RequestConfig
 
 from billing_ops import access
 from billing_ops import selectors as job_selectors
-from billing_ops.environments import Environment
+from billing_ops.environments import Environment, get_environment
 from billing_ops.models import Job, JobStatus
-from reconciliation import artifacts, backups, duplicates, indexes, selectors, sessions, verification
+from reconciliation import (
+    artifacts,
+    backups,
+    duplicates,
+    indexes,
+    rollback,
+    selectors,
+    sessions,
+    verification,
+)
 from reconciliation.forms import (
     ArtifactValidateForm,
     DuplicateResolveForm,
+    RollbackRequestForm,
     SessionSignalForm,
     UpsertForm,
     UpsertVerifyForm,
 )
-from reconciliation.models import UpsertRun
+from reconciliation.models import RollbackStatus, RunRollback, UpsertRun
 from reconciliation.services import upload_preview, upsert_request
 from reconciliation.tables import UpsertRunTable
 
@@ -235,7 +245,9 @@ def upsert_new(request: HttpRequest, env_key: str) -> HttpResponse:
 @require_GET
 def upsert_runs(request: HttpRequest, env_key: str) -> HttpResponse:
     env = access.get_environment_for_user(request.user, env_key)
-    table = UpsertRunTable(UpsertRun.objects.filter(environment=env.key).select_related("requested_by"))
+    table = UpsertRunTable(
+        selectors.with_rollbacks(UpsertRun.objects.filter(environment=env.key).select_related("requested_by"))
+    )
     RequestConfig(request, paginate={"per_page": RUNS_PER_PAGE}).configure(table)
     return render(request, "reconciliation/upsert_runs.html", {"env": env, "table": table})
 
@@ -366,3 +378,80 @@ def upsert_job_detail_context(job: Job, user: Any) -> dict[str, Any]:
         "run": UpsertRun.objects.filter(job=job).first(),
         "preview": [] if job.is_finished else upload_preview(job.params.get("upload", "")),
     }
+
+
+# --- Rollback of a run (runbook §6.2) ---------------------------------------------------------------
+
+
+def _page(request: HttpRequest) -> int:
+    try:
+        return max(1, int(request.GET.get("page", "1")))
+    except ValueError:
+        return 1
+
+
+@require_http_methods(["GET", "POST"])
+def rollback_preview(request: HttpRequest, env_key: str) -> HttpResponse:
+    """What rolling back a run would do, line by line; operators request it from here."""
+    env = access.get_environment_for_user(request.user, env_key)
+    can_request = access.is_operator(request.user)
+    form = RollbackRequestForm(request.POST or None)
+    if request.method == "POST":
+        access.require_operator(request.user)
+        if form.is_valid():
+            data = form.cleaned_data
+            try:
+                job = rollback.rollback_request(
+                    actor=request.user,
+                    env=env,
+                    run_id=data["run_id"],
+                    digest=data["digest"],
+                    reason=data["reason"],
+                    confirmation=data["confirmation"],
+                )
+            except ValidationError as exc:
+                form.add_error(None, exc)
+            else:
+                messages.success(
+                    request,
+                    _("Rollback of run %(run)s requested as job #%(id)s; it waits for an approver.")
+                    % {"run": data["run_id"], "id": job.pk},
+                )
+                return redirect("job_detail", job_id=job.pk)
+        run_id = str(request.POST.get("run_id", ""))
+    else:
+        run_id = request.GET.get("run_id", "").strip()
+    context: dict[str, Any] = {"env": env, "run_id": run_id, "form": form, "can_request": can_request}
+    if run_id:
+        try:
+            preview = rollback.rollback_preview(env, run_id, page=_page(request))
+        except ValidationError as exc:
+            context["error"] = " ".join(exc.messages)
+        except DatabaseError as exc:
+            context["error"] = job_selectors.describe_error(exc)
+        else:
+            context["preview"] = preview
+            context["existing"] = RunRollback.objects.filter(
+                environment=env.key,
+                run_id=run_id,
+                status__in=[RollbackStatus.REQUESTED, RollbackStatus.SUCCEEDED],
+            ).first()
+            if request.method == "GET":
+                form = RollbackRequestForm(initial={"run_id": run_id, "digest": preview.digest})
+                context["form"] = form
+    return render(request, "reconciliation/rollback_preview.html", context)
+
+
+def rollback_job_detail_context(job: Job, user: Any) -> dict[str, Any]:
+    """The approver's view: the preview as it is now, and whether it is still the one requested."""
+    context: dict[str, Any] = {"rollback": RunRollback.objects.filter(job=job).first()}
+    if job.status != JobStatus.AWAITING_APPROVAL:
+        return context
+    try:
+        preview = rollback.rollback_preview(get_environment(job.environment), job.params["run_id"])
+    except (ValidationError, DatabaseError) as exc:
+        context["preview_error"] = " ".join(getattr(exc, "messages", [str(exc)]))
+        return context
+    context["preview"] = preview
+    context["preview_changed"] = preview.digest != job.params.get("preview_digest")
+    return context

@@ -65,6 +65,7 @@ MATRIX: dict[str, tuple[str, dict[str, Any]]] = {
     "environment_detail": ("GET", READ_ONLY),
     "reconciliation_home": ("GET", READ_ONLY),
     "upsert_runs": ("GET", READ_ONLY),
+    "rollback_preview": ("GET", READ_ONLY),  # its POST (a request): tests/test_rollback.py
     "upsert_audit_rows": ("GET", {**READ_ONLY, "viewer": 404, "operator": 404, "approver": 404}),
     "upsert_new": (
         "GET",
