@@ -223,12 +223,14 @@ def rollback_preview(env: Environment, run_id: str, *, page: int = 1) -> Rollbac
     """What a rollback of the run would do now: counts, digest, and one page of lines
     (conflicts first), read in one snapshot of the environment."""
     valid_run_id(run_id)
+    with environment_connect(env, application_name="billing-ops rollback preview") as conn:
+        return preview_on(conn, run_id, page=page)
+
+
+def preview_on(conn: Any, run_id: str, *, page: int = 1) -> RollbackPreview:
+    """``rollback_preview`` on a psycopg connection (not in a transaction); changes nothing."""
     preview = RollbackPreview(run_id=run_id, page=max(page, 1))
-    with (
-        environment_connect(env, application_name="billing-ops rollback preview") as conn,
-        conn.transaction(force_rollback=True),
-        conn.cursor(row_factory=psycopg.rows.dict_row) as cur,
-    ):
+    with conn.transaction(force_rollback=True), conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
         # One snapshot for the counts, the digest and the page. Not READ ONLY: the plan
         # is a temporary table; force_rollback keeps the transaction from writing anything.
         cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
@@ -242,10 +244,10 @@ def rollback_preview(env: Environment, run_id: str, *, page: int = 1) -> Rollbac
             preview.conflicts_by_kind = {kind: int(n) for kind, n in plain.fetchall()}
         cur.execute(
             """
-                SELECT * FROM rollback_plan
-                 ORDER BY action = 'skip' DESC, action, record_id COLLATE "C"
-                 LIMIT %s OFFSET %s
-                """,
+            SELECT * FROM rollback_plan
+             ORDER BY action = 'skip' DESC, action, record_id COLLATE "C"
+             LIMIT %s OFFSET %s
+            """,
             [PREVIEW_LINES_PER_PAGE + 1, (preview.page - 1) * PREVIEW_LINES_PER_PAGE],
         )
         rows = cur.fetchall()
