@@ -128,7 +128,12 @@ def job_request(
         if status == JobStatus.QUEUED:
             transaction.on_commit(lambda: job_dispatch(job_id=job.pk))
         else:
-            job_log(job.pk, _("Waiting for an approver (protected environment)."))
+            job_log(
+                job.pk,
+                _("Waiting for an approver (this kind of job always needs one).")
+                if job_kind.always_needs_approval
+                else _("Waiting for an approver (protected environment)."),
+            )
     return job
 
 

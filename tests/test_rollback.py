@@ -131,6 +131,7 @@ def test_a_rollback_deletes_inserts_restores_updates_and_skips_conflicts(
     query(env, "UPDATE invoice_lines SET amount = 7.77 WHERE id = %s", [upserted["b"]])  # a later change
     job = requested(env, people, "fix-1", reason="the CSV was for the wrong month")
     assert job.status == JobStatus.AWAITING_APPROVAL  # everywhere, not only in protected environments
+    assert job.log_lines.filter(message__contains="always needs one").exists()
 
     job = approve_and_run(job, people["approver"])
 
