@@ -94,7 +94,7 @@ class DuplicatesChanged(JobRefused):
     """The groups are no longer what the precheck showed: nothing was deleted."""
 
 
-def _pin_session(cursor: Any, *, statement_timeout_ms: int, lock_timeout_ms: int | None = None) -> None:
+def pin_session(cursor: Any, *, statement_timeout_ms: int, lock_timeout_ms: int | None = None) -> None:
     """Transaction-local settings: timeouts, and the text of values (UTC, ISO) so that the
     precheck and the resolve read a row's values identically."""
     cursor.execute(
@@ -154,7 +154,7 @@ def duplicate_precheck(env: Environment, *, limit: int | None = None) -> dict[st
     started = time.monotonic()
     with transaction.atomic(using=env.alias), connections[env.alias].cursor() as cursor:
         cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        _pin_session(cursor, statement_timeout_ms=PRECHECK_STATEMENT_TIMEOUT_MS)
+        pin_session(cursor, statement_timeout_ms=PRECHECK_STATEMENT_TIMEOUT_MS)
         result = duplicate_groups(cursor, limit=PRECHECK_GROUPS_SHOWN if limit is None else limit)
     result["duration_ms"] = round((time.monotonic() - started) * 1000)
     return result
@@ -304,7 +304,7 @@ def duplicate_resolve_execute(ctx: JobContext) -> dict[str, Any]:
     started = time.monotonic()
     try:
         with transaction.atomic(using=env.alias), connections[env.alias].cursor() as cursor:
-            _pin_session(
+            pin_session(
                 cursor,
                 statement_timeout_ms=RESOLVE_STATEMENT_TIMEOUT_MS,
                 lock_timeout_ms=RESOLVE_LOCK_TIMEOUT_MS,

@@ -51,6 +51,7 @@ from billing_ops.models import Job, JobStatus
 from billing_ops.notifications import notify_stakeholders
 from billing_ops.services import Actor, JobContext, JobRefused, job_request, user_of
 from reconciliation.auditlog import SCHEME, append_audit_rows, json_object_sql
+from reconciliation.duplicates import pin_session
 from reconciliation.models import RollbackStatus, RunRollback, UpsertRun, UpsertRunStatus
 from reconciliation.upsert import UPSERT_ACTION, UpsertRefused, check_run_id
 
@@ -171,16 +172,6 @@ CONFLICT_LABELS = {
 }
 
 
-def _pin(cur: Any, *, statement_timeout_ms: int, lock_timeout_ms: int | None = None) -> None:
-    cur.execute(
-        "SELECT set_config('statement_timeout', %s, true), set_config('TimeZone', 'UTC', true),"
-        " set_config('DateStyle', 'ISO', true)",
-        [str(statement_timeout_ms)],
-    )
-    if lock_timeout_ms is not None:
-        cur.execute("SELECT set_config('lock_timeout', %s, true)", [str(lock_timeout_ms)])
-
-
 def _plan(cur: Any, run_id: str) -> tuple[int, int, int, str]:
     """Fill the temporary ``rollback_plan`` for the run; returns (delete, restore, skip, digest)."""
     cur.execute("DROP TABLE IF EXISTS rollback_plan")
@@ -234,7 +225,7 @@ def preview_on(conn: Any, run_id: str, *, page: int = 1) -> RollbackPreview:
         # One snapshot for the counts, the digest and the page. Not READ ONLY: the plan
         # is a temporary table; force_rollback keeps the transaction from writing anything.
         cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-        _pin(cur, statement_timeout_ms=PREVIEW_STATEMENT_TIMEOUT_MS)
+        pin_session(cur, statement_timeout_ms=PREVIEW_STATEMENT_TIMEOUT_MS)
         with conn.cursor() as plain:
             preview.delete, preview.restore, preview.skip, preview.digest = _plan(plain, run_id)
             plain.execute(
@@ -429,7 +420,7 @@ def rollback_run(
     started = time.monotonic()
     outcome = RollbackOutcome(run_id=run_id)
     with conn.transaction(), conn.cursor() as cur:
-        _pin(cur, statement_timeout_ms=STATEMENT_TIMEOUT_MS, lock_timeout_ms=LOCK_TIMEOUT_MS)
+        pin_session(cur, statement_timeout_ms=STATEMENT_TIMEOUT_MS, lock_timeout_ms=LOCK_TIMEOUT_MS)
         cur.execute(
             "SELECT EXISTS (SELECT 1 FROM public.audit_logs"
             " WHERE action = %s AND new_data ->> 'run_id' = %s)",

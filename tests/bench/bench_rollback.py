@@ -22,9 +22,8 @@ import time
 from pathlib import Path
 
 import psycopg
-from psycopg import sql
 
-from tests.bench.bench_upsert import EXISTING, reset, scratch_url, write_csv
+from tests.bench.bench_upsert import EXISTING, reset, scratch_database, write_csv
 
 SIZE = 100_000
 REPEATS = 3
@@ -71,22 +70,9 @@ def _upsert(url: str, path: Path) -> None:
 
 
 def main() -> None:
-    from billing_ops.environments import environment_connect, get_environment
     from reconciliation.rollback import preview_on, rollback_run
 
-    env = get_environment("dev")
-    with environment_connect(env) as conn:
-        base_url = conn.info.dsn + (f" password={conn.info.password}" if conn.info.password else "")
-    with psycopg.connect(base_url, autocommit=True) as admin:
-        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(SCRATCH_DB)))
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(SCRATCH_DB)))
-    url = scratch_url(base_url, SCRATCH_DB)
-    try:
-        schema = (
-            Path(__file__).resolve().parents[2] / "billing_ops" / "sql" / "contract_schema.sql"
-        ).read_text()
-        with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute(schema)
+    with scratch_database(SCRATCH_DB) as (url, _server):
         bare: list[float] = []
         previews: list[float] = []
         rollbacks: list[float] = []
@@ -119,6 +105,3 @@ def main() -> None:
             f"  rollback (lock, plan, delete/restore, audit chain)    {r * 1000:8,.0f} ms  ({r / b:.1f}x,"
             f" {outcome.audit_rows / r:,.0f} lines/s)"
         )
-    finally:
-        with psycopg.connect(base_url, autocommit=True) as admin:
-            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(SCRATCH_DB)))

@@ -30,6 +30,8 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -267,23 +269,33 @@ def full(url: str, path: Path, run_id: str) -> dict[str, Any]:
     return json.loads(child.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
+@contextmanager
+def scratch_database(name: str) -> Iterator[tuple[str, int]]:
+    """A database ``name`` with the contract schema on the Dev environment's server, dropped
+    afterwards (the demo stays untouched): yields (its URL, the server's version number)."""
     from billing_ops.environments import environment_connect, get_environment
 
-    env = get_environment("dev")
-    with environment_connect(env) as conn:
+    with environment_connect(get_environment("dev")) as conn:
         base_url = conn.info.dsn + (f" password={conn.info.password}" if conn.info.password else "")
         server = conn.info.server_version
     with psycopg.connect(base_url, autocommit=True) as admin:
-        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(SCRATCH_DB)))
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(SCRATCH_DB)))
-    url = scratch_url(base_url, SCRATCH_DB)
+        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    url = scratch_url(base_url, name)
     try:
         schema = (
             Path(__file__).resolve().parents[2] / "billing_ops" / "sql" / "contract_schema.sql"
         ).read_text()
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute(schema)
+        yield url, server
+    finally:
+        with psycopg.connect(base_url, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def main() -> None:
+    with scratch_database(SCRATCH_DB) as (url, server):
         print(
             f"\nBatch upsert (PostgreSQL {server // 10000}, {EXISTING:,} existing lines, "
             f"batches of {BATCH:,})"
@@ -328,8 +340,3 @@ def main() -> None:
                     f"    Django bulk_create(update_conflicts) {slower * 1000:9,.0f} ms"
                     f"  ({slower / bare:.1f}x bare, no audit)"
                 )
-    finally:
-        with psycopg.connect(base_url, autocommit=True) as admin:
-            admin.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(SCRATCH_DB))
-            )
