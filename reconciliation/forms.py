@@ -67,3 +67,14 @@ class ArtifactValidateForm(forms.Form):
 class UpsertVerifyForm(forms.Form):
     # Any run id: runs of the old script are verified too. It is only ever a bound parameter.
     run_id = forms.CharField(label=_("Run id"), max_length=RUN_ID_MAX_LENGTH, strip=True)
+
+
+class RestoreForm(forms.Form):
+    # Checked against the environment's label by the service (reconciliation.restore).
+    confirmation = forms.CharField(label=_("Type the environment's name to confirm"), max_length=200)
+    reason = forms.CharField(
+        label=_("Reason"),
+        max_length=500,
+        widget=forms.Textarea(attrs={"rows": 3}),
+        help_text=_("Sent to the ops channel and the stakeholders, and kept in the audit trail."),
+    )
