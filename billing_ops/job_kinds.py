@@ -220,3 +220,22 @@ UPSERT_ROLLBACK = register(
         ),
     )
 )
+
+# --- Reconciliation: full restore from a backup (runbook §6.1) ----------------------------------
+
+DATABASE_RESTORE = register(
+    JobKind(
+        name="database_restore",
+        label=_("Database restore"),
+        handler="reconciliation.restore.restore_execute",
+        destructive=True,
+        # An approver asks, another approver approves: in every environment.
+        always_needs_approval=True,
+        detail_context="reconciliation.views.restore_job_detail_context",
+        worker_lost_note=_(
+            "pg_restore runs as one transaction: either the whole backup was restored or nothing. "
+            "The job could not record which: compare the environment's row counts (Environment check) "
+            "with the backup's before requesting it again."
+        ),
+    )
+)

@@ -16,6 +16,15 @@ the chosen pg_dump. The password reaches pg_dump through a temporary passfile (0
 removed afterwards), every other connection parameter through libpq's environment
 variables: the URL is never on a command line, in a log or in a result.
 
+Row counts that agree with the dump: before pg_dump starts, a REPEATABLE READ transaction
+takes ACCESS SHARE locks on the contract tables (``billing.billings``, ``lock.locks``,
+``public.invoice_lines``, ``public.audit_logs``: nobody can TRUNCATE or drop them until the
+dump is done), exports its snapshot (``pg_export_snapshot()``) and counts their rows; pg_dump
+then runs with ``--snapshot`` set to it, so it dumps exactly the rows that were counted,
+whatever is written meanwhile. The counts go into the manifest; a restore compares them with
+what it restored (``reconciliation.restore``). For an archive without them (made before the
+dashboard recorded counts) ``archive_row_counts`` counts the rows in the archive itself.
+
 A later full restore (runbook §6.1) chooses with ``backups_list`` and opens the file with
 ``backup_path``, which accepts only a backup name of this environment's folder.
 """
@@ -32,12 +41,13 @@ import subprocess
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import psycopg
 from django.conf import settings
 from django.db import connections
 from django.utils.translation import gettext as _
@@ -60,6 +70,18 @@ RESTORE_LIST_TIMEOUT_S = 600
 POLL_INTERVAL_S = 0.5
 STDERR_TAIL_LINES = 8
 TOC_TABLES_KEPT = 500
+# The data contract's tables (BRIEF.md §3) whose rows a backup counts and a restore checks.
+COUNTED_TABLES = (
+    ("billing", "billings"),
+    ("lock", "locks"),
+    ("public", "invoice_lines"),
+    ("public", "audit_logs"),
+)
+# count(*) of tens of millions of audit rows takes a while; the session default (30 s) is
+# for pages, not for this.
+COUNT_STATEMENT_TIMEOUT_MS = 1_800_000
+# Reading an archive's rows to count them: check for a cancel every so many lines.
+ARCHIVE_COUNT_CANCEL_CHECK_LINES = 100_000
 
 _PROBLEM_LINE_RE = re.compile(r"\b(error|fatal|detail|hint):", re.IGNORECASE)
 _VERSION_RE = re.compile(r"\(PostgreSQL\)\s+(\d+)(?:\.(\d+))?")
@@ -132,6 +154,13 @@ class Backup:
     # A manifest written by the dashboard after pg_restore listed the archive, for this size.
     verified: bool
     sha256: str = ""
+    # Rows per contract table in the dump's snapshot ("schema.table" -> count, None for a
+    # table that did not exist); None for a backup whose manifest has no counts.
+    row_counts: dict[str, int | None] | None = None
+
+    @property
+    def row_counts_summary(self) -> str:
+        return row_counts_text(self.row_counts) if self.row_counts is not None else ""
 
 
 def backup_folder(env: Environment) -> Path:
@@ -161,6 +190,7 @@ def backups_list(env: Environment) -> list[Backup]:
                 modified_at=datetime.fromtimestamp(stat.st_mtime, tz=UTC),
                 verified=verified,
                 sha256=str(manifest.get("sha256", "")) if manifest else "",
+                row_counts=manifest_row_counts(manifest),
             )
         )
     return sorted(backups, key=lambda b: (b.modified_at, b.name), reverse=True)
@@ -185,6 +215,17 @@ def backup_path(env: Environment, name: str) -> Path:
 def backup_manifest(env: Environment, name: str) -> dict[str, Any] | None:
     """What the dashboard recorded when it verified the backup (None for a file it did not make)."""
     return _manifest_read(backup_path(env, name))
+
+
+def manifest_row_counts(manifest: dict[str, Any] | None) -> dict[str, int | None] | None:
+    """The row counts a manifest recorded, or None (no manifest, or one written before the
+    dashboard counted rows, or one whose counts are not what this code writes)."""
+    counts = (manifest or {}).get("row_counts")
+    if not isinstance(counts, dict) or set(counts) != set(counted_table_names()):
+        return None
+    if not all(v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in counts.values()):
+        return None
+    return {name: counts[name] for name in counted_table_names()}
 
 
 def _manifest_read(dump: Path) -> dict[str, Any] | None:
@@ -302,8 +343,8 @@ def backup_create(ctx: JobContext) -> dict[str, Any]:
     env = ctx.env
     assert env is not None
     started = time.monotonic()
-    ctx.progress(0, 4, _("Asking the server for its version"))
-    server_version = _server_version(env)
+    ctx.progress(0, 5, _("Asking the server for its version"))
+    server_version = environment_server_version(env)
     tool = pg_dump_choose(server_version, pg_dump_candidates())
     restore = Path(tool.path).with_name("pg_restore")
     if not os.access(restore, os.X_OK):
@@ -326,16 +367,22 @@ def backup_create(ctx: JobContext) -> dict[str, Any]:
     kept = False
     try:
         _file_create_private(partial)
-        ctx.progress(1, 4, _("pg_dump is writing %(name)s") % {"name": name})
-        dump_started = time.monotonic()
-        _pg_dump_run(ctx, env, tool, partial)
-        dump_ms = round((time.monotonic() - dump_started) * 1000)
+        ctx.progress(1, 5, _("Counting the contract tables' rows in the dump's snapshot"))
+        with dump_snapshot(env) as snapshot:
+            ctx.log(
+                _("Rows in the snapshot pg_dump will dump: %(counts)s.")
+                % {"counts": row_counts_text(snapshot.row_counts)}
+            )
+            ctx.progress(2, 5, _("pg_dump is writing %(name)s") % {"name": name})
+            dump_started = time.monotonic()
+            _pg_dump_run(ctx, env, tool, partial, snapshot_id=snapshot.snapshot_id)
+            dump_ms = round((time.monotonic() - dump_started) * 1000)
         size = partial.stat().st_size
         if size == 0:
             raise BackupError(_("pg_dump wrote an empty file; nothing was kept."))
         ctx.log(_("pg_dump finished: %(size)s bytes in %(ms)s ms.") % {"size": f"{size:,}", "ms": dump_ms})
 
-        ctx.progress(2, 4, _("Verifying with pg_restore --list"))
+        ctx.progress(3, 5, _("Verifying with pg_restore --list"))
         toc = _restore_list(str(restore), partial)
         if toc["entries"] == 0:
             raise BackupError(_("pg_restore --list shows no entries in the archive; nothing was kept."))
@@ -344,7 +391,7 @@ def backup_create(ctx: JobContext) -> dict[str, Any]:
             _("pg_restore --list: %(entries)s entries, %(tables)s tables with data.")
             % {"entries": toc["entries"], "tables": len(toc["tables_with_data"])}
         )
-        ctx.progress(3, 4, _("Computing the checksum"))
+        ctx.progress(4, 5, _("Computing the checksum"))
         sha256, _size = file_digest(partial)
         result = {
             "file": name,
@@ -363,6 +410,8 @@ def backup_create(ctx: JobContext) -> dict[str, Any]:
             "tables": toc["tables"],
             "tables_with_data": toc["tables_with_data"],
             "dumped_from": toc["dumped_from"],
+            "row_counts": snapshot.row_counts,
+            "row_counts_at": snapshot.taken_at.isoformat(timespec="seconds"),
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "job_id": ctx.job_id,
         }
@@ -376,16 +425,179 @@ def backup_create(ctx: JobContext) -> dict[str, Any]:
         if not kept:
             with contextlib.suppress(OSError):
                 partial.unlink()
-    ctx.progress(4, 4, _("Backup verified"))
+    ctx.progress(5, 5, _("Backup verified"))
     ctx.log(_("Backup %(name)s verified and kept (sha256 %(sha)s).") % {"name": name, "sha": sha256})
     return result
+
+
+# --- Row counts ------------------------------------------------------------------------------
+
+
+def counted_table_names() -> list[str]:
+    return [f"{schema}.{table}" for schema, table in COUNTED_TABLES]
+
+
+def row_counts_text(counts: dict[str, int | None]) -> str:
+    """ "billing.billings 300, lock.locks 1,378, ..." for logs and messages."""
+    return ", ".join(f"{name} {_('absent') if n is None else f'{n:,}'}" for name, n in counts.items())
+
+
+def _tables_present(conn: Any) -> list[tuple[str, str]]:
+    """The counted tables that exist (asked in autocommit, before the counting transaction
+    starts: any SELECT in it would fix its snapshot before its locks are taken)."""
+    names = counted_table_names()
+    rows = conn.execute("SELECT n FROM unnest(%s::text[]) AS n WHERE to_regclass(n) IS NOT NULL", [names])
+    present = {row[0] for row in rows.fetchall()}
+    return [(schema, table) for schema, table in COUNTED_TABLES if f"{schema}.{table}" in present]
+
+
+def _count(conn: Any, present: list[tuple[str, str]]) -> dict[str, int | None]:
+    counts: dict[str, int | None] = dict.fromkeys(counted_table_names())
+    for schema, table in present:
+        query = psycopg.sql.SQL("SELECT count(*) FROM {}.{}").format(
+            psycopg.sql.Identifier(schema), psycopg.sql.Identifier(table)
+        )
+        counts[f"{schema}.{table}"] = int(conn.execute(query).fetchone()[0])
+    return counts
+
+
+def _counting_transaction(conn: Any, *, lock_timeout_ms: int) -> None:
+    """Start a read-only REPEATABLE READ transaction with the counting timeouts. SET LOCAL
+    (a utility statement) does not take the snapshot; the first SELECT does."""
+    conn.autocommit = False
+    conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+    conn.read_only = True
+    conn.execute(f"SET LOCAL statement_timeout = {int(COUNT_STATEMENT_TIMEOUT_MS)}")
+    conn.execute(f"SET LOCAL lock_timeout = {int(lock_timeout_ms)}")
+    # The transaction stays idle while pg_dump works in its snapshot.
+    conn.execute("SET LOCAL idle_in_transaction_session_timeout = 0")
+
+
+def _counting_error(exc: psycopg.Error, *, waited_ms: int) -> str:
+    if isinstance(exc, psycopg.errors.LockNotAvailable):
+        return _(
+            "Could not lock the contract tables to count their rows: another session holds a "
+            "conflicting lock (waited %(ms)s ms)."
+        ) % {"ms": waited_ms}
+    if isinstance(exc, psycopg.errors.QueryCanceled):
+        return _("Counting the contract tables' rows took longer than %(s)s s.") % {
+            "s": COUNT_STATEMENT_TIMEOUT_MS // 1000
+        }
+    return _("Counting the contract tables' rows failed: %(error)s") % {
+        "error": str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    }
+
+
+@dataclass(frozen=True)
+class DumpSnapshot:
+    snapshot_id: str
+    row_counts: dict[str, int | None]
+    taken_at: datetime
+
+
+@contextlib.contextmanager
+def dump_snapshot(env: Environment) -> Iterator[DumpSnapshot]:
+    """Lock the contract tables (ACCESS SHARE), export a snapshot and count their rows in
+    it; the transaction stays open (and the locks held) until the block ends, so that a
+    pg_dump started inside with ``--snapshot`` dumps exactly the counted rows. BackupError
+    if a table cannot be locked within LOCK_WAIT_TIMEOUT_MS (say, behind a migration)."""
+    with environment_connect(env, autocommit=True) as conn:
+        present = _tables_present(conn)
+        try:
+            _counting_transaction(conn, lock_timeout_ms=LOCK_WAIT_TIMEOUT_MS)
+            if present:
+                conn.execute(
+                    psycopg.sql.SQL("LOCK TABLE {} IN ACCESS SHARE MODE").format(
+                        psycopg.sql.SQL(", ").join(
+                            psycopg.sql.Identifier(schema, table) for schema, table in present
+                        )
+                    )
+                )
+            snapshot_id, taken_at = conn.execute("SELECT pg_export_snapshot(), clock_timestamp()").fetchone()
+            counts = _count(conn, present)
+        except psycopg.Error as exc:
+            conn.rollback()
+            raise BackupError(
+                _counting_error(exc, waited_ms=LOCK_WAIT_TIMEOUT_MS) + " " + _("Nothing was kept.")
+            ) from None
+        try:
+            yield DumpSnapshot(snapshot_id=str(snapshot_id), row_counts=counts, taken_at=taken_at)
+        finally:
+            conn.rollback()
+
+
+def environment_row_counts(env: Environment, *, lock_timeout_ms: int) -> dict[str, int | None]:
+    """The contract tables' rows now, all counted in one snapshot. BackupError if a table
+    stays locked for ``lock_timeout_ms`` or the counting fails."""
+    with environment_connect(env, autocommit=True) as conn:
+        present = _tables_present(conn)
+        try:
+            _counting_transaction(conn, lock_timeout_ms=lock_timeout_ms)
+            counts = _count(conn, present)
+        except psycopg.Error as exc:
+            raise BackupError(_counting_error(exc, waited_ms=lock_timeout_ms)) from None
+        finally:
+            conn.rollback()
+    return counts
+
+
+def archive_row_counts(
+    pg_restore: str, archive: Path, *, check: Callable[[], None] | None = None
+) -> dict[str, int | None]:
+    """Count the contract tables' rows in an archive: ``pg_restore --data-only`` of just
+    those tables to stdout, counting the lines of each ``COPY ... FROM stdin`` block (COPY's
+    text format escapes newlines inside values, so one line is one row). None for a table
+    the archive has no data for. ``check`` is called every so many lines (a job's cancel)."""
+    argv = [pg_restore, "--data-only", "--file=-"]
+    for schema in dict.fromkeys(schema for schema, _table in COUNTED_TABLES):
+        argv.append(f"--schema={schema}")
+    for _schema, table in COUNTED_TABLES:
+        argv.append(f"--table={table}")
+    argv.append(str(archive))
+    counts: dict[str, int | None] = dict.fromkeys(counted_table_names())
+    with tempfile.TemporaryFile(mode="w+b") as stderr:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            env={k: v for k, v in os.environ.items() if not k.startswith("PG")},
+        )
+        assert proc.stdout is not None
+        try:
+            current: str | None = None
+            rows = 0
+            for n, line in enumerate(proc.stdout, start=1):
+                if check is not None and n % ARCHIVE_COUNT_CANCEL_CHECK_LINES == 0:
+                    check()
+                if current is None:
+                    if line.startswith(b"COPY ") and line.rstrip().endswith(b" FROM stdin;"):
+                        current = line[5:].split(b" ", 1)[0].decode("utf-8", "replace").replace('"', "")
+                        rows = 0
+                elif line in (b"\\.\n", b"\\.\r\n"):
+                    if current in counts:
+                        counts[current] = rows
+                    current = None
+                else:
+                    rows += 1
+        finally:
+            proc.stdout.close()
+            if proc.poll() is None:
+                proc.terminate()
+            proc.wait()
+        if proc.returncode != 0:
+            raise BackupError(
+                _("pg_restore cannot read the archive's rows (exit %(code)s). %(tail)s")
+                % {"code": proc.returncode, "tail": stderr_tail(stderr)}
+            )
+    return counts
 
 
 def _why(path: Path, exc: OSError) -> dict[str, str]:
     return {"path": str(path), "why": exc.strerror or type(exc).__name__}
 
 
-def _server_version(env: Environment) -> str:
+def environment_server_version(env: Environment) -> str:
     with environment_connect(env, autocommit=True) as conn:
         return str(conn.execute("SELECT current_setting('server_version')").fetchone()[0])
 
@@ -437,7 +649,7 @@ def _partials_remove_stale(folder: Path) -> int:
 
 
 @contextlib.contextmanager
-def _libpq_environ(env: Environment) -> Iterator[dict[str, str]]:
+def libpq_environ(env: Environment) -> Iterator[dict[str, str]]:
     """The child's environment: the worker's, minus any PG* variable of its own, plus the
     environment's connection parameters; the password in a 0600 passfile removed on exit."""
     params = connections[env.alias].get_connection_params()
@@ -469,8 +681,9 @@ def _libpq_environ(env: Environment) -> Iterator[dict[str, str]]:
             os.unlink(passfile)
 
 
-def _pg_dump_run(ctx: JobContext, env: Environment, tool: PgTool, target: Path) -> None:
-    """Run pg_dump into ``target``, polling for a cancel; BackupError on any failure."""
+def _pg_dump_run(ctx: JobContext, env: Environment, tool: PgTool, target: Path, *, snapshot_id: str) -> None:
+    """Run pg_dump into ``target`` in the exported snapshot, polling for a cancel;
+    BackupError on any failure."""
     argv = [
         tool.path,
         "--format=custom",
@@ -478,8 +691,9 @@ def _pg_dump_run(ctx: JobContext, env: Environment, tool: PgTool, target: Path) 
         "--verbose",
         "--no-password",
         f"--lock-wait-timeout={LOCK_WAIT_TIMEOUT_MS}",
+        f"--snapshot={snapshot_id}",
     ]
-    with _libpq_environ(env) as child_env, tempfile.TemporaryFile(mode="w+b") as stderr:
+    with libpq_environ(env) as child_env, tempfile.TemporaryFile(mode="w+b") as stderr:
         proc = subprocess.Popen(
             argv, env=child_env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr
         )
@@ -492,7 +706,7 @@ def _pg_dump_run(ctx: JobContext, env: Environment, tool: PgTool, target: Path) 
                 except subprocess.TimeoutExpired:
                     pass
                 ctx.check_cancel()
-                message = _last_line(stderr)
+                message = last_line(stderr)
                 if message and message != last_message:
                     ctx.progress(1, 4, message[:200])
                     last_message = message
@@ -506,14 +720,14 @@ def _pg_dump_run(ctx: JobContext, env: Environment, tool: PgTool, target: Path) 
             ctx.log(_("pg_dump stopped on request; nothing was kept."), level="warning")
             raise
         if proc.returncode != 0:
-            tail = _tail(stderr)
+            tail = stderr_tail(stderr)
             raise BackupError(
                 _("pg_dump failed (exit %(code)s); nothing was kept. %(tail)s")
                 % {"code": proc.returncode, "tail": tail}
             )
 
 
-def _last_line(stream: Any) -> str:
+def last_line(stream: Any) -> str:
     stream.seek(0, os.SEEK_END)
     size = stream.tell()
     stream.seek(max(0, size - 4096))
@@ -521,7 +735,7 @@ def _last_line(stream: Any) -> str:
     return lines[-1].strip() if lines else ""
 
 
-def _tail(stream: Any) -> str:
+def stderr_tail(stream: Any) -> str:
     stream.seek(0, os.SEEK_END)
     size = stream.tell()
     stream.seek(max(0, size - 16384))

@@ -81,3 +81,14 @@ class RollbackRequestForm(forms.Form):
         help_text=_("Sent to the ops channel and the stakeholders with the result (runbook §6.3)."),
     )
     confirmation = forms.CharField(label=_("Type the environment's name to confirm"), required=False)
+
+
+class RestoreForm(forms.Form):
+    # Checked against the environment's label by the service (reconciliation.restore).
+    confirmation = forms.CharField(label=_("Type the environment's name to confirm"), max_length=200)
+    reason = forms.CharField(
+        label=_("Reason"),
+        max_length=500,
+        widget=forms.Textarea(attrs={"rows": 3}),
+        help_text=_("Sent to the ops channel and the stakeholders, and kept in the audit trail."),
+    )

@@ -50,6 +50,11 @@ urlpatterns = [
         name="backup_request",
     ),
     path(
+        "environments/<str:env_key>/reconciliation/backups/<str:backup>/restore/",
+        views.backup_restore,
+        name="backup_restore",
+    ),
+    path(
         "environments/<str:env_key>/reconciliation/artifacts/validate/",
         views.artifact_validate_request,
         name="artifact_validate_request",

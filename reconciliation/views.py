@@ -17,13 +17,14 @@ from django_tables2 import RequestConfig
 
 from billing_ops import access
 from billing_ops import selectors as job_selectors
-from billing_ops.environments import Environment, get_environment
+from billing_ops.environments import Environment, UnknownEnvironment, get_environment
 from billing_ops.models import Job, JobStatus
 from reconciliation import (
     artifacts,
     backups,
     duplicates,
     indexes,
+    restore,
     rollback,
     selectors,
     sessions,
@@ -32,6 +33,7 @@ from reconciliation import (
 from reconciliation.forms import (
     ArtifactValidateForm,
     DuplicateResolveForm,
+    RestoreForm,
     RollbackRequestForm,
     SessionSignalForm,
     UpsertForm,
@@ -298,6 +300,7 @@ def _files_steps_context(request: HttpRequest, env: Environment) -> dict[str, An
         "backups_total": len(backup_list),
         "backup_error": backup_error,
         "backup_jobs": _recent_jobs(env, "database_backup"),
+        **_restore_context(request, env),
         "run_folders": folders,
         "run_folders_error": folders_error,
         "reconciliations_dir": artifacts.reconciliations_dir(),
@@ -307,6 +310,12 @@ def _files_steps_context(request: HttpRequest, env: Environment) -> dict[str, An
         "verify_run_ids": list(run_ids),
         "verify_jobs": _recent_jobs(env, "upsert_verify"),
     }
+
+
+def _restore_context(request: HttpRequest, env: Environment) -> dict[str, Any]:
+    """What the backups table needs for its Restore… action: shown to approvers, disabled
+    with the reason where the environment may not be restored."""
+    return {"can_restore": access.is_approver(request.user), "restore_refusal": restore.restore_refusal(env)}
 
 
 def _backups(env: Environment) -> tuple[list[backups.Backup], str]:
@@ -330,6 +339,8 @@ def backup_list(request: HttpRequest, env_key: str) -> HttpResponse:
             "backup_error": error,
             "backup_folder": backups.backup_folder(env),
             "backup_jobs": _recent_jobs(env, "database_backup"),
+            "restore_jobs": _recent_jobs(env, restore.RESTORE_KIND),
+            **_restore_context(request, env),
         },
     )
 
@@ -339,6 +350,77 @@ def backup_request(request: HttpRequest, env_key: str) -> HttpResponse:
     return _queue(
         request, env_key, _("Backup"), lambda env: backups.backup_request(actor=request.user, env=env)
     )
+
+
+@require_http_methods(["GET", "POST"])
+def backup_restore(request: HttpRequest, env_key: str, backup: str) -> HttpResponse:
+    """The restore form for one backup (approvers): what it is, the environment's name to
+    type and a reason; a valid request leads to the job's page, where another approver decides."""
+    access.require_approver(request.user)
+    env = access.get_environment_for_user(request.user, env_key)
+    try:
+        candidate = restore.restore_candidate(env, backup)
+    except backups.BackupError as exc:
+        raise Http404(str(exc)) from None
+    form = RestoreForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        try:
+            job = restore.restore_request(
+                actor=request.user,
+                env=env,
+                backup_name=candidate.backup.name,
+                confirmation=form.cleaned_data["confirmation"],
+                reason=form.cleaned_data["reason"],
+            )
+        except ValidationError as exc:  # refused (also JobConflict: a restore is already under way)
+            form.add_error(None, exc)
+        else:
+            messages.success(
+                request,
+                _("Restore requested as job #%(id)s; it waits for another approver.") % {"id": job.pk},
+            )
+            return redirect("job_detail", job_id=job.pk)
+    return render(
+        request,
+        "reconciliation/backup_restore.html",
+        {
+            "env": env,
+            "candidate": candidate,
+            "form": form,
+            "refusal": restore.restore_refusal(env),
+            "lock_wait_s": restore.RESTORE_LOCK_WAIT_TIMEOUT_MS // 1000,
+        },
+    )
+
+
+def restore_job_detail_context(job: Job, user: Any) -> dict[str, Any]:
+    """What the page of a restore job adds: the backup the approver decides on, whether the
+    file is still the one requested (by its manifest; the job checks the sha256 itself), and
+    whether the environment may still be restored."""
+    access.require_viewer(user)
+    try:
+        env = get_environment(job.environment)
+    except UnknownEnvironment:  # no longer configured: the job page says so itself
+        return {}
+    try:
+        candidate: restore.RestoreCandidate | None = restore.restore_candidate(
+            env, job.params.get("backup", "")
+        )
+        problem = ""
+    except backups.BackupError as exc:
+        candidate, problem = None, str(exc)
+    if candidate is not None and (
+        candidate.backup.sha256 != job.params.get("sha256")
+        or candidate.backup.size_bytes != job.params.get("size_bytes")
+    ):
+        problem = _("The backup file is no longer the one requested; the job will refuse to run.")
+    return {
+        "restore_env": env,
+        "restore_candidate": candidate,
+        "restore_problem": problem,
+        "restore_refusal": restore.restore_refusal(env),
+        "lock_wait_s": restore.RESTORE_LOCK_WAIT_TIMEOUT_MS // 1000,
+    }
 
 
 @require_POST

@@ -187,17 +187,28 @@ def test_a_folder_name_taken_by_a_file_is_reported(
     assert job.status == JobStatus.FAILED and "a file of that name is in the way" in job.error
 
 
+@pytest.fixture
+def platform_table(unprotected_env):
+    """A table of the platform's that is not in the data contract (pg_dump dumps it, the
+    row counts leave it out): something a migration can hold while pg_dump waits for it."""
+    with connections[unprotected_env.alias].cursor() as cursor:
+        cursor.execute("CREATE TABLE public.platform_extra (id int)")
+    yield "public.platform_extra"
+    with connections[unprotected_env.alias].cursor() as cursor:
+        cursor.execute("DROP TABLE IF EXISTS public.platform_extra")
+
+
 def test_a_failing_pg_dump_leaves_no_file_under_a_final_name(
-    run_backup, operator, unprotected_env, clean_environments, monkeypatch
+    run_backup, operator, unprotected_env, clean_environments, monkeypatch, platform_table
 ) -> None:
-    """pg_dump cannot get its lock (a migration holds the table): it fails, and neither
+    """pg_dump cannot get its lock (a migration holds a table): it fails, and neither
     the half-written dump nor its temporary file stays."""
     monkeypatch.setattr(backups, "LOCK_WAIT_TIMEOUT_MS", 300)
     env = unprotected_env
     add_lines(env, 5)
     holder = _environment_connection(env)
     holder.execute("BEGIN")
-    holder.execute("LOCK TABLE public.invoice_lines IN ACCESS EXCLUSIVE MODE")
+    holder.execute(f"LOCK TABLE {platform_table} IN ACCESS EXCLUSIVE MODE")
     try:
         job = run_backup(operator, env)
     finally:
@@ -215,12 +226,100 @@ def _environment_connection(env):
     return environment_connect(env, autocommit=True)
 
 
-def test_a_cancel_stops_pg_dump_and_keeps_nothing(operator, unprotected_env, clean_environments) -> None:
+def test_a_contract_table_held_by_another_session_fails_the_count_clearly(
+    run_backup, operator, unprotected_env, clean_environments, monkeypatch
+) -> None:
+    """The rows are counted under ACCESS SHARE locks taken before the snapshot; a table
+    held exclusively (a migration) fails the backup with that reason, before pg_dump runs."""
+    monkeypatch.setattr(backups, "LOCK_WAIT_TIMEOUT_MS", 300)
+    env = unprotected_env
+    holder = _environment_connection(env)
+    holder.execute("BEGIN")
+    holder.execute("LOCK TABLE lock.locks IN ACCESS EXCLUSIVE MODE")
+    try:
+        job = run_backup(operator, env)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert job.status == JobStatus.FAILED
+    assert job.error == (
+        "BackupError: Could not lock the contract tables to count their rows: another session holds a "
+        "conflicting lock (waited 300 ms). Nothing was kept."
+    )
+    assert folder_names(env) == []
+
+
+def test_the_manifest_records_the_rows_the_dump_holds(
+    run_backup, operator, unprotected_env, clean_environments
+) -> None:
+    env = unprotected_env
+    add_lines(env, 12)
+    with connections[env.alias].cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO billing.billings (id, billing_number) VALUES (1, 'BILLING1'), (2, 'BILLING2')"
+        )
+        cursor.execute(
+            "INSERT INTO lock.locks (id, lock_key, entity_type, entity_id, billing_id)"
+            " SELECT 'L' || g, 'customers' || g, 'customers', g::text, 1 FROM generate_series(1, 7) g"
+        )
+    job = run_backup(operator, env)
+    assert job.status == JobStatus.SUCCEEDED, job.error
+    expected = {
+        "billing.billings": 2,
+        "lock.locks": 7,
+        "public.invoice_lines": 12,
+        "public.audit_logs": 0,
+    }
+    assert job.result["row_counts"] == expected
+    name = job.result["file"]
+    assert backups.backup_manifest(env, name)["row_counts"] == expected
+    [listed] = backups.backups_list(env)
+    assert listed.row_counts == expected
+    pg_restore = str(Path(_tool_path(job.result)).with_name("pg_restore"))
+    assert backups.archive_row_counts(pg_restore, backups.backup_path(env, name)) == expected
+    assert any("Rows in the snapshot pg_dump will dump" in line.message for line in job.log_lines.all())
+
+
+def test_rows_written_between_the_count_and_pg_dump_are_neither_counted_nor_dumped(
+    run_backup, operator, unprotected_env, clean_environments, monkeypatch
+) -> None:
+    """Counts and dump share one snapshot: lines committed after the rows were counted,
+    just before pg_dump starts (any other writer), are in neither. pg_dump with a snapshot
+    of its own would dump them."""
+    env = unprotected_env
+    add_lines(env, 10)
+    real_pg_dump_run = backups._pg_dump_run
+
+    def writer_first(*args: Any, **kwargs: Any) -> None:
+        with _environment_connection(env) as writer:
+            writer.execute(
+                "INSERT INTO public.invoice_lines"
+                " (invoice_id, unit_id, line_type, description, normalized_description)"
+                " SELECT 'LATE-' || g, 'UNIT-000002', 'ENERGY', 'Energy', 'energy'"
+                " FROM generate_series(1, 7) g"
+            )
+        real_pg_dump_run(*args, **kwargs)
+
+    monkeypatch.setattr(backups, "_pg_dump_run", writer_first)
+    job = run_backup(operator, env)
+    assert job.status == JobStatus.SUCCEEDED, job.error
+    assert job.result["row_counts"]["public.invoice_lines"] == 10
+    pg_restore = str(Path(_tool_path(job.result)).with_name("pg_restore"))
+    in_archive = backups.archive_row_counts(pg_restore, backups.backup_path(env, job.result["file"]))
+    assert in_archive["public.invoice_lines"] == 10
+    with connections[env.alias].cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM public.invoice_lines")
+        assert cursor.fetchone()[0] == 17
+
+
+def test_a_cancel_stops_pg_dump_and_keeps_nothing(
+    operator, unprotected_env, clean_environments, platform_table
+) -> None:
     """A cancel while pg_dump waits (here: for a lock) stops it; nothing is kept."""
     env = unprotected_env
     holder = _environment_connection(env)
     holder.execute("BEGIN")
-    holder.execute("LOCK TABLE public.invoice_lines IN ACCESS EXCLUSIVE MODE")
+    holder.execute(f"LOCK TABLE {platform_table} IN ACCESS EXCLUSIVE MODE")
     job = backups.backup_request(actor=operator, env=env)
 
     def cancel_soon() -> None:

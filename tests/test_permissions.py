@@ -16,6 +16,7 @@ from django.urls import URLPattern, URLResolver, get_resolver
 from billing_ops import services
 from billing_ops.models import Job, JobStatus
 from tests.conftest import make_user
+from tests.test_restore import make_verified_backup
 
 pytestmark = pytest.mark.django_db(databases="__all__")
 
@@ -31,6 +32,8 @@ JOB_REQUESTS: dict[str, tuple[str, dict[str, str]]] = {
     "backup_request": ("database_backup", {}),
     "artifact_validate_request": ("artifact_validate", {"run_folder": "run-1"}),
     "upsert_verify_request": ("upsert_verify", {"run_id": "manual-20260208-fix42"}),
+    # + the environment's label typed, and a verified backup of it in the URL (below)
+    "backup_restore": ("database_restore", {"reason": "The upsert went wrong"}),
 }
 
 # url name -> (method, expected outcome per role). "login" = redirect to the login page.
@@ -95,6 +98,11 @@ MATRIX: dict[str, tuple[str, dict[str, Any]]] = {
         "POST",
         {"anonymous": "login", "nobody": 403, "viewer": 403, "operator": 302, "approver": 403},
     ),
+    # Approvers only (the GET form likewise, tested in test_restore.py).
+    "backup_restore": (
+        "POST",
+        {"anonymous": "login", "nobody": 403, "viewer": 403, "operator": 403, "approver": 302},
+    ),
     "job_list": ("GET", READ_ONLY),
     "approval_list": ("GET", READ_ONLY),
     "job_detail": ("GET", READ_ONLY),
@@ -146,6 +154,8 @@ def url_kwargs(name: str, *, env_key: str, job_id: int) -> dict[str, Any]:
             kwargs[param] = "json"
         elif param == "job_id" and name not in NO_SUCH_JOB:
             kwargs[param] = job_id
+        elif param == "backup":  # made by make_verified_backup
+            kwargs[param] = f"backup_{env_key}_20260208_140000.dump"
         else:
             kwargs[param] = NO_SUCH_OBJECT
     return kwargs
@@ -212,6 +222,9 @@ def test_permission_matrix(
         (settings.RECONCILIATIONS_DIR / "run-1").mkdir(parents=True)
     if name == "environment_check_request":
         data = {"environment": unprotected_env.key}
+    if "backup" in kwargs:
+        assert kwargs["backup"] == make_verified_backup(unprotected_env)
+        data["confirmation"] = unprotected_env.label
     if name in ("job_approve", "job_refuse"):
         data = {"digest": job.params_digest, "comment": "ok"}
     jobs_before = Job.objects.count()
