@@ -35,6 +35,9 @@ class JobKind:
     # kind (e.g. the release preview an approver must see), rendered by
     # billing_ops/details/<kind>.html.
     detail_context: str = ""
+    # The kind may also run with no environment (``environment`` ""): it then works on the
+    # dashboard's own database (the verification of the dashboard's audit trail).
+    without_environment: bool = False
 
     def needs_approval(self, env: Environment | None) -> bool:
         if self.always_needs_approval:
@@ -197,6 +200,19 @@ UPSERT_VERIFY = register(
         label=_("Post-upsert verification"),
         handler="reconciliation.verification.upsert_verify",
         resumable=True,
+        worker_lost_note=_("The verification only reads; it is safe to run again."),
+    )
+)
+
+# --- Audit: hash chain verification (runbook §5.4) ------------------------------------------
+
+CHAIN_VERIFY = register(
+    JobKind(
+        name="chain_verify",
+        label=_("Audit chain verification"),
+        handler="audit.verification.chain_verify_execute",
+        resumable=True,
+        without_environment=True,
         worker_lost_note=_("The verification only reads; it is safe to run again."),
     )
 )
