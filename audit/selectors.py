@@ -1,5 +1,6 @@
-"""Reading the audit trails: the dashboard's entries (filters, CSV export) and verifying a
-hash chain, the dashboard's own or an environment's ``public.audit_logs``.
+"""Reading the audit trails: the dashboard's entries (filters, CSV export), verifying a
+hash chain, the dashboard's own or an environment's ``public.audit_logs``, and the
+verifications done so far (jobs of ``audit.verification``).
 
 Verification streams the rows in ``created_at`` order through a server-side cursor (in a
 transaction, so PostgreSQL streams it instead of materialising a held cursor), so memory
@@ -67,6 +68,8 @@ from audit.models import AuditEntry
 from audit.services import CHAIN_DATESTYLE, audit_entry_fields
 from billing_ops.environments import Environment
 from billing_ops.exports import csv_cell
+from billing_ops.job_kinds import CHAIN_VERIFY
+from billing_ops.models import ACTIVE_STATUSES, Job, JobStatus
 
 # Rows kept around the one being judged; a row moved further than this is told apart from a
 # deleted one only where the hash column is indexed (the dashboard's).
@@ -117,6 +120,45 @@ def audit_entries(
     if until is not None:
         entries = entries.filter(created_at__lt=until)
     return entries.order_by("-created_at")
+
+
+def audit_actions() -> list[str]:
+    """Every action the trail holds, sorted (the filter's choices). A loose index scan on
+    ``audit_entry_action_idx``: one index probe per distinct action, not a pass over every
+    entry."""
+    table = connection.ops.quote_name(AuditEntry._meta.db_table)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"""
+            WITH RECURSIVE actions(action) AS (
+                (SELECT action FROM {table} ORDER BY action LIMIT 1)
+                UNION ALL
+                SELECT (SELECT e.action FROM {table} e WHERE e.action > a.action ORDER BY e.action LIMIT 1)
+                  FROM actions a WHERE a.action IS NOT NULL
+            )
+            SELECT action FROM actions WHERE action IS NOT NULL
+            """
+        )
+        return [row[0] for row in cursor.fetchall()]
+
+
+def chain_verifications(env: Environment | None) -> QuerySet[Job]:
+    """The verification jobs of one chain (an environment's, or the dashboard's with
+    ``env`` None), newest first."""
+    return (
+        Job.objects.filter(kind=CHAIN_VERIFY.name, environment=env.key if env is not None else "")
+        .select_related("requested_by")
+        .order_by("-id")
+    )
+
+
+def chain_verification_last(env: Environment | None) -> Job | None:
+    """The chain's last verification that read it to the end (intact or not)."""
+    return chain_verifications(env).filter(status=JobStatus.SUCCEEDED).order_by("-finished_at").first()
+
+
+def chain_verification_active(env: Environment | None) -> Job | None:
+    return chain_verifications(env).filter(status__in=ACTIVE_STATUSES).first()
 
 
 AUDIT_CSV_COLUMNS = (

@@ -20,6 +20,7 @@ from django.core.exceptions import PermissionDenied
 from django.db import connections
 
 from audit.selectors import environment_chain_verify
+from audit.services import SYSTEM_SCHEDULER, audit_record
 from audit.tasks import scheduled_chain_verify
 from audit.verification import (
     CHAIN_VERIFY_KIND,
@@ -282,7 +283,7 @@ def test_a_broken_chain_opens_one_critical_alert_and_an_intact_one_resolves_it(
 
 @in_environments
 @pytest.mark.usefixtures("inline_jobs")
-def test_the_dashboards_broken_trail_raises_its_own_alert(recipients) -> None:
+def test_the_dashboards_broken_trail_raises_its_own_alert(recipients, client_for) -> None:
     approver = make_user("approver1", "Approver")
     entries = record(3)
     with tampering() as cursor:
@@ -293,6 +294,8 @@ def test_the_dashboards_broken_trail_raises_its_own_alert(recipients) -> None:
     assert alert.summary.startswith("Dashboard: audit trail hash chain broken")
     email = Notification.objects.get(source=f"alert:{alert.pk}", channel="email")
     assert "the dashboard's own audit trail" in email.body
+    page = client_for(make_user("viewer1", "Viewer")).get("/alerts/").content.decode()
+    assert 'href="/audit/chain/"' in page and alert.summary in page
 
 
 # --- The schedule ---------------------------------------------------------------------------------
@@ -329,6 +332,74 @@ def test_the_beat_entry_runs_the_scheduled_task_at_the_configured_interval() -> 
     entry = django_settings.CELERY_BEAT_SCHEDULE["verify-audit-chains"]
     assert entry["task"] == "audit.tasks.scheduled_chain_verify" == scheduled_chain_verify.name
     assert entry["schedule"] == float(django_settings.CHAIN_VERIFY_INTERVAL_S) == 86400.0
+
+
+# --- The pages ------------------------------------------------------------------------------------------
+
+
+@in_environments
+@pytest.mark.usefixtures("inline_jobs")
+def test_the_environments_audit_page_shows_the_last_verification_and_the_history(
+    unprotected_env, clean_environments, client_for
+) -> None:
+    operator = make_user("operator1", "Operator")
+    rows = write_chain(unprotected_env)
+    intact = verify(unprotected_env, operator)
+    forged = tamper_every_way(unprotected_env, rows)["inserted"]
+    broken = verify(unprotected_env, operator)
+
+    page = client_for(make_user("viewer1", "Viewer")).get(f"/environments/{unprotected_env.key}/audit/")
+    html = page.content.decode()
+    assert page.status_code == 200
+    assert f'href="/jobs/{broken.pk}/"' in html and f'href="/jobs/{intact.pk}/"' in html  # the history
+    assert 'data-intact="no"' in html and 'data-intact="yes"' in html
+    assert f'data-first-broken="{rows[3][0]}"' in html
+    assert f'data-verified-head="{rows[1][0]}"' in html
+    for kind in ("content changed", "row deleted", "row inserted", "rows swapped"):
+        assert kind in html
+    assert f'data-entry="{forged}"' in html
+    assert "checked for linkage only" in html
+    assert "Verify now" not in html  # a viewer reads only
+
+    job_page = client_for(operator).get(f"/jobs/{broken.pk}/").content.decode()
+    assert f'data-entry="{forged}"' in job_page and 'data-intact="no"' in job_page
+
+    operator_page = client_for(operator).get(f"/environments/{unprotected_env.key}/audit/").content.decode()
+    assert "Verify now" in operator_page
+    nav = client_for(operator).get(f"/environments/{unprotected_env.key}/reconciliation/").content.decode()
+    assert f'href="/environments/{unprotected_env.key}/audit/"' in nav
+
+
+@pytest.mark.django_db(databases="__all__")
+def test_verify_now_queues_one_job_and_refuses_a_second_naming_the_first(
+    unprotected_env, client_for, django_capture_on_commit_callbacks
+) -> None:
+    client = client_for(make_user("approver1", "Approver"))
+    with django_capture_on_commit_callbacks(execute=False):
+        first = client.post(f"/environments/{unprotected_env.key}/audit/verify/")
+        job = Job.objects.get()
+        assert first.status_code == 302 and first["Location"] == f"/jobs/{job.pk}/"
+        second = client.post(f"/environments/{unprotected_env.key}/audit/verify/", follow=True)
+    assert Job.objects.count() == 1
+    assert (
+        f"Job #{job.pk}" in second.content.decode() and "already working on this" in second.content.decode()
+    )
+    assert f'data-active-job="{job.pk}"' in second.content.decode()
+
+
+@pytest.mark.django_db(databases="__all__")
+def test_the_dashboards_chain_page_and_its_button(client_for, django_capture_on_commit_callbacks) -> None:
+    audit_record(actor=SYSTEM_SCHEDULER, action="job.requested")
+    viewer_page = client_for(make_user("viewer1", "Viewer")).get("/audit/chain/").content.decode()
+    assert "Not verified yet." in viewer_page and "Verify now" not in viewer_page
+    client = client_for(make_user("operator1", "Operator"))
+    assert "Verify now" in client.get("/audit/chain/").content.decode()
+    with django_capture_on_commit_callbacks(execute=False):
+        response = client.post("/audit/chain/verify/")
+    job = Job.objects.get()
+    assert response["Location"] == f"/jobs/{job.pk}/" and job.environment == ""
+    detail = client.get(f"/jobs/{job.pk}/").content.decode()
+    assert "Audit chain verification" in detail
 
 
 # --- A million rows in constant memory ----------------------------------------------------------------

@@ -22,6 +22,7 @@ pytestmark = pytest.mark.django_db(databases="__all__")
 ROLES = ("anonymous", "nobody", "viewer", "operator", "approver")
 READ_ONLY = {"anonymous": "login", "nobody": 403, "viewer": 200, "operator": 200, "approver": 200}
 OPERATOR_ONLY = {"anonymous": "login", "nobody": 403, "viewer": 403, "operator": 302, "approver": 403}
+OPERATOR_OR_APPROVER = {"anonymous": "login", "nobody": 403, "viewer": 403, "operator": 302, "approver": 302}
 # POSTs that queue a job of this kind once allowed, with the form data that makes them valid.
 JOB_REQUESTS: dict[str, tuple[str, dict[str, str]]] = {
     "environment_check_request": ("environment_check", {}),  # + the environment (below)
@@ -31,6 +32,8 @@ JOB_REQUESTS: dict[str, tuple[str, dict[str, str]]] = {
     "backup_request": ("database_backup", {}),
     "artifact_validate_request": ("artifact_validate", {"run_folder": "run-1"}),
     "upsert_verify_request": ("upsert_verify", {"run_id": "manual-20260208-fix42"}),
+    "environment_chain_verify": ("chain_verify", {}),
+    "dashboard_chain_verify": ("chain_verify", {}),
 }
 
 # url name -> (method, expected outcome per role). "login" = redirect to the login page.
@@ -94,6 +97,12 @@ MATRIX: dict[str, tuple[str, dict[str, Any]]] = {
         "POST",
         {"anonymous": "login", "nobody": 403, "viewer": 403, "operator": 302, "approver": 403},
     ),
+    "audit_trail": ("GET", READ_ONLY),
+    "audit_trail_export": ("GET", READ_ONLY),
+    "dashboard_chain": ("GET", READ_ONLY),
+    "environment_chain": ("GET", READ_ONLY),
+    "dashboard_chain_verify": ("POST", OPERATOR_OR_APPROVER),
+    "environment_chain_verify": ("POST", OPERATOR_OR_APPROVER),
     "job_list": ("GET", READ_ONLY),
     "approval_list": ("GET", READ_ONLY),
     "job_detail": ("GET", READ_ONLY),
