@@ -1,5 +1,6 @@
-"""Reading the audit trails: the dashboard's entries (filters, CSV export) and verifying a
-hash chain, the dashboard's own or an environment's ``public.audit_logs``.
+"""Reading the audit trails: the dashboard's entries (filters, CSV export), verifying a
+hash chain, the dashboard's own or an environment's ``public.audit_logs``, and the
+verifications done so far (jobs of ``audit.verification``).
 
 Verification streams the rows in ``created_at`` order through a server-side cursor (in a
 transaction, so PostgreSQL streams it instead of materialising a held cursor), so memory
@@ -62,11 +63,13 @@ from django.db import connection, connections, transaction
 from django.db.models import QuerySet, TextField, Value
 from django.db.models.functions import Coalesce
 
-from audit.chain import chain_hash, content_hash, format_created_at, is_ours
-from audit.models import AuditEntry, AuditLog
+from audit.chain import HASH_SCHEME, chain_hash, content_hash, format_created_at
+from audit.models import AuditEntry
 from audit.services import CHAIN_DATESTYLE, audit_entry_fields
 from billing_ops.environments import Environment
 from billing_ops.exports import csv_cell
+from billing_ops.job_kinds import CHAIN_VERIFY
+from billing_ops.models import ACTIVE_STATUSES, Job, JobStatus
 
 # Rows kept around the one being judged; a row moved further than this is told apart from a
 # deleted one only where the hash column is indexed (the dashboard's).
@@ -75,6 +78,8 @@ LINK_WINDOW_ROWS = 64
 VERIFY_CHUNK_ROWS = 2_000
 # Damaged rows listed in a report; beyond this only counted.
 MAX_REPORTED_DAMAGES = 1_000
+# A verification tells its caller (a job's progress, its cancel check) this often.
+VERIFY_PROGRESS_ROWS = 50_000
 HASH_SHOWN_CHARS = 12
 
 # --- Browsing and export -------------------------------------------------------------------
@@ -115,6 +120,45 @@ def audit_entries(
     if until is not None:
         entries = entries.filter(created_at__lt=until)
     return entries.order_by("-created_at")
+
+
+def audit_actions() -> list[str]:
+    """Every action the trail holds, sorted (the filter's choices). A loose index scan on
+    ``audit_entry_action_idx``: one index probe per distinct action, not a pass over every
+    entry."""
+    table = connection.ops.quote_name(AuditEntry._meta.db_table)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"""
+            WITH RECURSIVE actions(action) AS (
+                (SELECT action FROM {table} ORDER BY action LIMIT 1)
+                UNION ALL
+                SELECT (SELECT e.action FROM {table} e WHERE e.action > a.action ORDER BY e.action LIMIT 1)
+                  FROM actions a WHERE a.action IS NOT NULL
+            )
+            SELECT action FROM actions WHERE action IS NOT NULL
+            """
+        )
+        return [row[0] for row in cursor.fetchall()]
+
+
+def chain_verifications(env: Environment | None) -> QuerySet[Job]:
+    """The verification jobs of one chain (an environment's, or the dashboard's with
+    ``env`` None), newest first."""
+    return (
+        Job.objects.filter(kind=CHAIN_VERIFY.name, environment=env.key if env is not None else "")
+        .select_related("requested_by")
+        .order_by("-id")
+    )
+
+
+def chain_verification_last(env: Environment | None) -> Job | None:
+    """The chain's last verification that read it to the end (intact or not)."""
+    return chain_verifications(env).filter(status=JobStatus.SUCCEEDED).order_by("-finished_at").first()
+
+
+def chain_verification_active(env: Environment | None) -> Job | None:
+    return chain_verifications(env).filter(status__in=ACTIVE_STATUSES).first()
 
 
 AUDIT_CSV_COLUMNS = (
@@ -198,6 +242,8 @@ class ChainReport:
     recomputed: int = 0
     damaged_entries: int = 0
     damages: list[Damage] = field(default_factory=list)
+    # Every damage found per kind, listed or not (damages stops at MAX_REPORTED_DAMAGES).
+    kind_counts: dict[DamageKind, int] = field(default_factory=dict)
     first_broken: ChainPoint | None = None
     verified_head: ChainPoint | None = None
     head: ChainPoint | None = None
@@ -211,9 +257,16 @@ class ChainReport:
         return self.entries - self.recomputed
 
 
-def dashboard_chain_verify(*, chunk_rows: int = VERIFY_CHUNK_ROWS) -> ChainReport:
+# Called with the number of rows read so far, every VERIFY_PROGRESS_ROWS rows; it may raise
+# to stop the verification (a cancelled job).
+ProgressCallback = Callable[[int], None]
+
+
+def dashboard_chain_verify(
+    *, chunk_rows: int = VERIFY_CHUNK_ROWS, progress: ProgressCallback | None = None
+) -> ChainReport:
     """Verify the dashboard's own audit chain (``default``), in constant memory."""
-    walk = _ChainWalk(ChainReport(chain="dashboard"), index=_DashboardIndex())
+    walk = _ChainWalk(ChainReport(chain="dashboard"), index=_DashboardIndex(), progress=progress)
     with transaction.atomic():
         _read_times_as_django_does(connection)
         # created_at is unique: its index gives the order without a sort.
@@ -227,45 +280,56 @@ def dashboard_chain_verify(*, chunk_rows: int = VERIFY_CHUNK_ROWS) -> ChainRepor
     return walk.finish()
 
 
-def environment_chain_verify(*, env: Environment, chunk_rows: int = VERIFY_CHUNK_ROWS) -> ChainReport:
+# The verification's read of an environment's audit_logs. Only rows with our hash_scheme
+# need their content (to recompute the hash); other writers' rows come as id and links
+# alone, so that a chain of mostly foreign rows is not slowed by decoding their JSON and
+# times. ``new_data ->> 'hash_scheme'`` is what ``audit.chain.is_ours`` tests: null for a
+# non-object or a missing key.
+ENVIRONMENT_CHAIN_SQL = """
+    SELECT id, hash, previous_hash, ours,
+           CASE WHEN ours THEN action END, CASE WHEN ours THEN record_id END,
+           CASE WHEN ours THEN old_data END, CASE WHEN ours THEN new_data END,
+           CASE WHEN ours THEN created_at END
+      FROM (SELECT *, coalesce(new_data ->> 'hash_scheme' = %s, false) AS ours FROM public.audit_logs) AS rows
+     ORDER BY created_at, id
+"""
+
+
+def environment_chain_verify(
+    *, env: Environment, chunk_rows: int = VERIFY_CHUNK_ROWS, progress: ProgressCallback | None = None
+) -> ChainReport:
     """Verify an environment's ``public.audit_logs`` (runbook §5.4, over every row): linkage
     of all rows, and the hash of the rows we wrote (``hash_scheme``), in constant memory.
-    Its ``hash`` and ``previous_hash`` have no index: the walk searches its window only."""
-    walk = _ChainWalk(ChainReport(chain=f"environment {env.key}"), index=None)
-    rows = (
-        AuditLog.objects.using(env.alias)
-        .order_by("created_at", "id")
-        .values_list(
-            "id", "action", "record_id", "old_data", "new_data", "hash", "previous_hash", "created_at"
-        )
-    )
+    Its ``hash`` and ``previous_hash`` have no index: the walk searches its window only.
+
+    Read with raw SQL on the environment's own connection (``AuditLog`` mirrors the
+    columns; ``ENVIRONMENT_CHAIN_SQL`` says why not all of them for every row), through a
+    server-side cursor. That connection returns jsonb as text, as Django's JSONField reads
+    it, hence the ``json.loads``."""
+    walk = _ChainWalk(ChainReport(chain=f"environment {env.key}"), index=None, progress=progress)
+    db = connections[env.alias]
     with transaction.atomic(using=env.alias):
-        _read_times_as_django_does(connections[env.alias])
-        for (
-            entry_id,
-            action,
-            record_id,
-            old_data,
-            new_data,
-            digest,
-            previous_hash,
-            created_at,
-        ) in rows.iterator(chunk_size=chunk_rows):
-            ours = isinstance(new_data, dict) and is_ours(new_data)
-            fields = {
-                "action": action,
-                "record_id": record_id,
-                "old_data": old_data,
-                "new_data": new_data,
-                "created_at": created_at,
-            }
-            walk.feed(
-                entry_id=entry_id,
-                hash=digest,
-                previous_hash=previous_hash,
-                rehash=_rehasher(fields) if ours else None,
-            )
+        _read_times_as_django_does(db)
+        with db.chunked_cursor() as cursor:
+            cursor.execute(ENVIRONMENT_CHAIN_SQL, [HASH_SCHEME])
+            while rows := cursor.fetchmany(chunk_rows):
+                for entry_id, digest, previous_hash, ours, action, record_id, old_data, new_data, at in rows:
+                    rehash = None
+                    if ours:
+                        fields = {
+                            "action": action,
+                            "record_id": record_id,
+                            "old_data": _json_value(old_data),
+                            "new_data": _json_value(new_data),
+                            "created_at": at,
+                        }
+                        rehash = _rehasher(fields)
+                    walk.feed(entry_id=entry_id, hash=digest, previous_hash=previous_hash, rehash=rehash)
     return walk.finish()
+
+
+def _json_value(value: Any) -> Any:
+    return json.loads(value) if isinstance(value, str | bytes) else value
 
 
 def _read_times_as_django_does(db: Any) -> None:
@@ -348,14 +412,20 @@ class _ChainWalk:
         *,
         index: _DashboardIndex | None,
         window_rows: int = LINK_WINDOW_ROWS,
+        progress: ProgressCallback | None = None,
     ) -> None:
         self.report = report
         self.index = index
+        self.progress = progress
         self.window_rows = window_rows
         self.window: deque[_Slot] = deque()
         self.by_hash: dict[str, _Slot] = {}
         self.waiting: dict[str, list[_Slot]] = {}  # previous_hash -> rows waiting for that row
         self.position = 0
+        # The last row judged, and the last one of the intact beginning (the report's head
+        # and verified head, made when the walk finishes rather than once per row).
+        self.last_judged: _Slot | None = None
+        self.last_verified: _Slot | None = None
 
     def feed(
         self,
@@ -370,9 +440,11 @@ class _ChainWalk:
         self.position += 1
         self.report.entries += 1
         self.report.recomputed += rehash is not None
+        if self.progress is not None and self.position % VERIFY_PROGRESS_ROWS == 0:
+            self.progress(self.position)
 
         # Rows that came earlier and link to this one: their links run backwards in time.
-        for earlier in self.waiting.pop(hash, []):
+        for earlier in self.waiting.pop(hash, ()) if self.waiting else ():
             earlier.link = LINK_LATER
             slot.linked_from.append(earlier)
             for one in (earlier, slot):
@@ -445,6 +517,9 @@ class _ChainWalk:
     def finish(self) -> ChainReport:
         while self.window:
             self._judge(self.window.popleft())
+        for name, slot in (("head", self.last_judged), ("verified_head", self.last_verified)):
+            if slot is not None:
+                setattr(self.report, name, ChainPoint(slot.entry_id, slot.hash))
         return self.report
 
     def _intruder(self, slot: _Slot, seen: set[int]) -> bool:
@@ -517,15 +592,17 @@ class _ChainWalk:
 
     def _record(self, slot: _Slot, findings: dict[DamageKind, str]) -> None:
         report = self.report
-        point = ChainPoint(slot.entry_id, slot.hash)
-        report.head = point
+        self.last_judged = slot
         if not findings:
             if report.first_broken is None:
-                report.verified_head = point
+                self.last_verified = slot
             return
         report.damaged_entries += 1
         if report.first_broken is None:
-            report.first_broken = point
+            report.first_broken = ChainPoint(slot.entry_id, slot.hash)
         for kind in DamageKind:
-            if kind in findings and len(report.damages) < MAX_REPORTED_DAMAGES:
+            if kind not in findings:
+                continue
+            report.kind_counts[kind] = report.kind_counts.get(kind, 0) + 1
+            if len(report.damages) < MAX_REPORTED_DAMAGES:
                 report.damages.append(Damage(slot.entry_id, kind, findings[kind]))

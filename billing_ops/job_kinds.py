@@ -39,6 +39,9 @@ class JobKind:
     # transaction; it raises ValidationError when the job may no longer be approved (e.g.
     # the data changed since the preview the request was made from).
     approval_check: str = ""
+    # The kind may also run with no environment (``environment`` ""): it then works on the
+    # dashboard's own database (the verification of the dashboard's audit trail).
+    without_environment: bool = False
 
     def needs_approval(self, env: Environment | None) -> bool:
         if self.always_needs_approval:
@@ -237,5 +240,18 @@ DATABASE_RESTORE = register(
             "The job could not record which: compare the environment's row counts (Environment check) "
             "with the backup's before requesting it again."
         ),
+    )
+)
+
+# --- Audit: hash chain verification (runbook §5.4) ------------------------------------------
+
+CHAIN_VERIFY = register(
+    JobKind(
+        name="chain_verify",
+        label=_("Audit chain verification"),
+        handler="audit.verification.chain_verify_execute",
+        resumable=True,
+        without_environment=True,
+        worker_lost_note=_("The verification only reads; it is safe to run again."),
     )
 )

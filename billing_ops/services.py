@@ -98,17 +98,21 @@ def job_request(
 
     ``claims`` are keys no other active job may hold (see JobClaim); a conflict raises
     JobConflict naming the job that holds the key, and nothing is recorded.
+
+    ``environment`` "" (none) is refused unless the kind works on the dashboard itself
+    (``JobKind.without_environment``).
     """
     (requester_check or access.require_operator)(actor)
     job_kind = get_kind(kind)
-    env = get_environment(environment)
+    env = None if environment == "" and job_kind.without_environment else get_environment(environment)
+    env_key = env.key if env is not None else ""
     params = params or {}
-    digest = params_digest(kind=kind, environment=env.key, params=params)
+    digest = params_digest(kind=kind, environment=env_key, params=params)
     status = JobStatus.AWAITING_APPROVAL if job_kind.needs_approval(env) else JobStatus.QUEUED
     with transaction.atomic():
         job = Job.objects.create(
             kind=kind,
-            environment=env.key,
+            environment=env_key,
             params=params,
             params_digest=digest,
             status=status,
@@ -119,7 +123,7 @@ def job_request(
         audit_record(
             actor=actor,
             action="job.requested",
-            environment=env.key,
+            environment=env_key,
             object_type="job",
             object_id=job.pk,
             params={"kind": kind, "params": params, "digest": digest},

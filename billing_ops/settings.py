@@ -284,6 +284,17 @@ CELERY_BEAT_SCHEDULE["deliver-notifications"] = {
 }
 # --- End of notifications -------------------------------------------------------------------
 
+# --- Audit ----------------------------------------------------------------------------------
+# How often beat requests a verification of every environment's audit_logs chain and of the
+# dashboard's own trail (one at a time per chain: a verification still going is not doubled).
+CHAIN_VERIFY_INTERVAL_S = env_int("BILLING_OPS_CHAIN_VERIFY_INTERVAL_S", 24 * 3600, minimum=60)
+CELERY_BEAT_SCHEDULE["verify-audit-chains"] = {
+    "task": "audit.tasks.scheduled_chain_verify",
+    "schedule": float(CHAIN_VERIFY_INTERVAL_S),
+    "options": {"expire_seconds": CHAIN_VERIFY_INTERVAL_S},
+}
+# --- End of audit ---------------------------------------------------------------------------
+
 # --- Reconciliation ------------------------------------------------------------------------
 # Uploaded CSVs wait here (random names, outside the web root) until their job settles.
 UPLOAD_DIR = Path(os.environ.get("BILLING_OPS_UPLOAD_DIR") or VAR_DIR / "uploads")

@@ -10,6 +10,7 @@ handler403 = "billing_ops.views.permission_denied"
 urlpatterns = [
     path("", include("locks.urls")),
     path("", include("reconciliation.urls")),
+    path("", include("audit.urls")),
     path("login/", auth_views.LoginView.as_view(redirect_authenticated_user=True), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("healthz", views.healthz, name="healthz"),

@@ -108,6 +108,9 @@ class LockSnapshot(models.Model):
 class AlertKind(models.TextChoices):
     COMPLETED_WITH_LOCKS = "completed_with_locks", _("COMPLETED runs still holding locks")
     STALE_RUNS = "stale_runs", _("IN_PROGRESS_ACCOUNTING runs unchanged for too long")
+    # Raised by a chain verification (audit.verification), not by the snapshots; its
+    # environment is "" for the dashboard's own audit trail.
+    AUDIT_CHAIN_BROKEN = "audit_chain_broken", _("Audit hash chain broken")
 
 
 class AlertSeverity(models.TextChoices):
@@ -125,7 +128,8 @@ ACTIVE_ALERT_STATUSES = (AlertStatus.OPEN, AlertStatus.ACKNOWLEDGED)
 
 
 class Alert(models.Model):
-    """A problem in one environment, for as long as it lasts.
+    """A problem in one environment (or, with ``environment`` empty, in the dashboard's own
+    audit trail), for as long as it lasts.
 
     One row per (environment, kind) while it is active, however many runs are involved:
     Dev's 178 stuck runs are one alert and one notification, not 178. The database holds

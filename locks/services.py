@@ -103,15 +103,21 @@ def snapshots_prune(*, keep_days: int = SNAPSHOT_RETENTION_DAYS) -> int:
 
 @dataclass(frozen=True)
 class Finding:
-    """One kind of problem in one environment, as a snapshot (and its run lists) show it."""
+    """One kind of problem in one environment, as a snapshot (and its run lists) show it, or
+    as a chain verification found it (``env`` None: the dashboard's own audit trail)."""
 
-    env: Environment
+    env: Environment | None
     kind: AlertKind
     present: bool
     observed_at: datetime
     severity: AlertSeverity = AlertSeverity.WARNING
     summary: str = ""
     details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def environment(self) -> str:
+        """The alert's ``environment`` column: the key, or "" for the dashboard itself."""
+        return self.env.key if self.env is not None else ""
 
 
 @dataclass(frozen=True)
@@ -300,7 +306,13 @@ def alerts_evaluate(observations: Iterable[LockSnapshot | EnvironmentStatus]) ->
     Takes the round's snapshots (or ``environments_status`` results); unreachable
     environments are skipped. Returns what changed.
     """
-    findings = alert_findings(observations)
+    return alerts_follow(alert_findings(observations))
+
+
+def alerts_follow(findings: Iterable[Finding]) -> list[AlertEvent]:
+    """Let the alerts follow what was found (the snapshots' findings, or a chain
+    verification's): open, update, escalate or resolve, and notify, in one transaction
+    serialised with every other evaluation. Returns what changed."""
     events: list[AlertEvent] = []
     with transaction.atomic():
         with connection.cursor() as cursor:
@@ -313,7 +325,7 @@ def alerts_evaluate(observations: Iterable[LockSnapshot | EnvironmentStatus]) ->
 
 
 def _alert_follow(finding: Finding) -> AlertEvent | None:
-    key, kind = finding.env.key, finding.kind
+    key, kind = finding.environment, finding.kind
     # A round that started earlier but finished later must not undo what a newer one found.
     if Alert.objects.filter(environment=key, kind=kind, updated_at__gt=finding.observed_at).exists():
         return None
@@ -373,16 +385,23 @@ NOTIFY_PREFIX = {
 RESOLVED_TEXT = {
     AlertKind.COMPLETED_WITH_LOCKS: "No COMPLETED run holds locks any more.",
     AlertKind.STALE_RUNS: "No IN_PROGRESS_ACCOUNTING run is stale any more.",
+    AlertKind.AUDIT_CHAIN_BROKEN: "A later verification found the audit chain intact.",
 }
+# Damaged audit entries a chain alert's notification lists (the job page has them all).
+ALERT_DAMAGES_LISTED = 10
 
 
 def _alert_notify(alert: Alert, event: str) -> None:
     prefix = NOTIFY_PREFIX[event].format(severity=alert.severity.upper())
     subject = f"[Billing Ops] {prefix}: {alert.summary}"
-    try:
-        host = get_environment(alert.environment).host
-    except UnknownEnvironment:
-        host = "?"
+    if not alert.environment:
+        where = "the dashboard's own audit trail (its default database)"
+    else:
+        try:
+            host = get_environment(alert.environment).host
+        except UnknownEnvironment:
+            host = "?"
+        where = f"{alert.environment_label} ({host})"
     details = alert.details
     lines = [alert.summary, ""]
     if event == "resolved":
@@ -391,13 +410,20 @@ def _alert_notify(alert: Alert, event: str) -> None:
         reasons = details.get("severity_reasons") or []
         lines.append(f"Severity: {alert.severity}" + (f" ({'; '.join(reasons)})" if reasons else ""))
     lines += [
-        f"Environment: {alert.environment_label} ({host})",
+        f"Environment: {where}",
         f"Alert #{alert.pk}, opened {_when(alert.opened_at)}.",
     ]
     runs = details.get("runs") or []
     if runs and event != "resolved":
         lines += ["", f"Runs, most locks first ({len(runs)} of {details.get('runs_total')}):"]
         lines += [f"  {r['number']} (id {r['id']}): {r['lock_count']:,} locks" for r in runs]
+    damages = details.get("damages") or []
+    if damages and event != "resolved":
+        shown = damages[:ALERT_DAMAGES_LISTED]
+        lines += ["", f"Damaged entries ({len(shown)} of {details.get('damaged_entries')}):"]
+        lines += [f"  entry #{d['entry_id']}: {d['kind']} - {d['detail']}" for d in shown]
+    if details.get("job_id"):
+        lines.append(f"Found by job #{details['job_id']}.")
     notify(subject=subject, body="\n".join(lines), source=f"alert:{alert.pk}")
 
 

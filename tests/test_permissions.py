@@ -23,6 +23,7 @@ pytestmark = pytest.mark.django_db(databases="__all__")
 ROLES = ("anonymous", "nobody", "viewer", "operator", "approver")
 READ_ONLY = {"anonymous": "login", "nobody": 403, "viewer": 200, "operator": 200, "approver": 200}
 OPERATOR_ONLY = {"anonymous": "login", "nobody": 403, "viewer": 403, "operator": 302, "approver": 403}
+OPERATOR_OR_APPROVER = {"anonymous": "login", "nobody": 403, "viewer": 403, "operator": 302, "approver": 302}
 # POSTs that queue a job of this kind once allowed, with the form data that makes them valid.
 JOB_REQUESTS: dict[str, tuple[str, dict[str, str]]] = {
     "environment_check_request": ("environment_check", {}),  # + the environment (below)
@@ -34,6 +35,8 @@ JOB_REQUESTS: dict[str, tuple[str, dict[str, str]]] = {
     "upsert_verify_request": ("upsert_verify", {"run_id": "manual-20260208-fix42"}),
     # + the environment's label typed, and a verified backup of it in the URL (below)
     "backup_restore": ("database_restore", {"reason": "The upsert went wrong"}),
+    "environment_chain_verify": ("chain_verify", {}),
+    "dashboard_chain_verify": ("chain_verify", {}),
 }
 
 # url name -> (method, expected outcome per role). "login" = redirect to the login page.
@@ -103,6 +106,12 @@ MATRIX: dict[str, tuple[str, dict[str, Any]]] = {
         "POST",
         {"anonymous": "login", "nobody": 403, "viewer": 403, "operator": 403, "approver": 302},
     ),
+    "audit_trail": ("GET", READ_ONLY),
+    "audit_trail_export": ("GET", READ_ONLY),
+    "dashboard_chain": ("GET", READ_ONLY),
+    "environment_chain": ("GET", READ_ONLY),
+    "dashboard_chain_verify": ("POST", OPERATOR_OR_APPROVER),
+    "environment_chain_verify": ("POST", OPERATOR_OR_APPROVER),
     "job_list": ("GET", READ_ONLY),
     "approval_list": ("GET", READ_ONLY),
     "job_detail": ("GET", READ_ONLY),

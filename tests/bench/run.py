@@ -14,9 +14,9 @@ import django
 def main() -> int:
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "billing_ops.settings")
     django.setup()
-    from tests.bench import bench_locks, bench_release, bench_rollback, bench_seed, bench_upsert
+    from tests.bench import bench_chain, bench_locks, bench_release, bench_rollback, bench_seed, bench_upsert
 
-    names = sys.argv[1:] or ["seed", "locks", "release", "upsert", "rollback"]
+    names = sys.argv[1:] or ["seed", "locks", "release", "upsert", "rollback", "chain"]
     if "seed" in names:
         bench_seed.main()
     if "locks" in names:
@@ -27,6 +27,8 @@ def main() -> int:
         bench_upsert.main()
     if "rollback" in names:
         bench_rollback.main()
+    if "chain" in names:
+        bench_chain.main()
     return 0
 
 
