@@ -376,3 +376,25 @@ def test_a_failed_ops_notification_is_retried(env, upserted, people, inline_jobs
     assert len(receiver.requests) == 2 and receiver.requests[1]["json"]["text"].startswith(
         "🔴 Rollback executed"
     )
+
+
+def test_a_line_locked_by_another_session_stops_the_rollback_and_changes_nothing(
+    env, upserted, people, inline_jobs, monkeypatch
+) -> None:
+    from reconciliation import rollback
+
+    monkeypatch.setattr(rollback, "LOCK_TIMEOUT_MS", 200)
+    job = requested(env, people, "fix-1")
+    job_approve(actor=people["approver"], job_id=job.pk, digest=job.params_digest)
+    before = query(env, "SELECT id, description, quantity, amount FROM invoice_lines ORDER BY id")
+    with environment_connect(env) as holder:
+        holder.execute("SELECT 1 FROM invoice_lines WHERE id = %s FOR UPDATE", [upserted["c"]])
+        job_execute(job_id=job.pk, worker="test")
+        holder.rollback()
+
+    job.refresh_from_db()
+    assert job.status == JobStatus.FAILED
+    assert "locked by another session (waited 200 ms); nothing was changed" in job.error
+    assert query(env, "SELECT id, description, quantity, amount FROM invoice_lines ORDER BY id") == before
+    assert query(env, ROLLBACK_ROWS, ["fix-1"]) == []
+    assert RunRollback.objects.get(job=job).status == RollbackStatus.FAILED
