@@ -366,6 +366,9 @@ class JobContext:
         self.requested_by_id = job.requested_by_id
         self.approved_by_id = job.approved_by_id
         self.attempt = job.attempts
+        # What the job page should show even if the handler then fails or is cancelled
+        # (``keep_result``); a handler that returns has its return value kept instead.
+        self.kept_result: dict[str, Any] | None = None
 
     def progress(self, done: int, total: int | None = None, message: str = "") -> None:
         fields: dict[str, Any] = {"progress_done": done, "heartbeat_at": timezone.now()}
@@ -381,6 +384,11 @@ class JobContext:
     def check_cancel(self) -> None:
         if Job.objects.filter(pk=self.job_id, cancel_requested=True).exists():
             raise JobCancelled()
+
+    def keep_result(self, result: dict[str, Any]) -> None:
+        """Keep ``result`` on the job however it ends (e.g. the counts of a restore that
+        failed): saved with the outcome, by the delivery that still owns the job."""
+        self.kept_result = result
 
 
 class _Heartbeat(threading.Thread):
@@ -444,10 +452,12 @@ def job_execute(*, job_id: int, worker: str | None = None) -> str:
     heartbeat.start()
     started = time.monotonic()
     outcome: dict[str, Any]
+    ctx: JobContext | None = None
     try:
         _check_approval(kind, env, job)
         handler = import_string(kind.handler)
-        result = handler(JobContext(job, env))
+        ctx = JobContext(job, env)
+        result = handler(ctx)
         outcome = {"status": JobStatus.SUCCEEDED, "result": result}
     except JobCancelled:
         outcome = {
@@ -461,6 +471,8 @@ def job_execute(*, job_id: int, worker: str | None = None) -> str:
         outcome = {"status": JobStatus.FAILED, "error": f"{type(exc).__name__}: {exc}"[:4000]}
     finally:
         heartbeat.stop()
+    if "result" not in outcome and ctx is not None and ctx.kept_result is not None:
+        outcome["result"] = ctx.kept_result
     elapsed_s = time.monotonic() - started
     fields: dict[str, Any] = {"status": outcome["status"], "finished_at": timezone.now()}
     if "result" in outcome:

@@ -698,18 +698,7 @@ def _pg_dump_run(ctx: JobContext, env: Environment, tool: PgTool, target: Path, 
             argv, env=child_env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr
         )
         try:
-            last_message = ""
-            while True:
-                try:
-                    proc.wait(timeout=POLL_INTERVAL_S)
-                    break
-                except subprocess.TimeoutExpired:
-                    pass
-                ctx.check_cancel()
-                message = last_line(stderr)
-                if message and message != last_message:
-                    ctx.progress(1, 4, message[:200])
-                    last_message = message
+            watch_process(proc, stderr, ctx, step=1, steps=4)
         except JobCancelled:
             proc.terminate()
             try:
@@ -725,6 +714,34 @@ def _pg_dump_run(ctx: JobContext, env: Environment, tool: PgTool, target: Path, 
                 _("pg_dump failed (exit %(code)s); nothing was kept. %(tail)s")
                 % {"code": proc.returncode, "tail": tail}
             )
+
+
+def watch_process(
+    proc: subprocess.Popen[bytes],
+    stderr: Any,
+    ctx: JobContext,
+    *,
+    step: int,
+    steps: int,
+    tick: Callable[[], bool] | None = None,
+) -> None:
+    """Wait for a pg_dump or pg_restore: every ``POLL_INTERVAL_S`` check for a cancel
+    (JobCancelled), run ``tick`` (which returns True to stop waiting), and show the tool's
+    latest ``--verbose`` line as the job's progress."""
+    last_message = ""
+    while True:
+        try:
+            proc.wait(timeout=POLL_INTERVAL_S)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+        ctx.check_cancel()
+        if tick is not None and tick():
+            return
+        message = last_line(stderr)
+        if message and message != last_message:
+            ctx.progress(step, steps, message[:200])
+            last_message = message
 
 
 def last_line(stream: Any) -> str:

@@ -24,7 +24,7 @@ password reaches pg_restore through the backup's 0600 passfile, never its comman
 sets ``lock_timeout = 0`` (so a lock_timeout given to the session would be overridden and
 the restore would wait for ever behind an open transaction). Before it starts, the job lists
 every other session connected to the database; while it runs, a watcher looks at the
-restore's backend (found by its ``application_name``) every ``POLL_INTERVAL_S``: waiting for
+restore's backend (found by its ``application_name``) every ``backups.POLL_INTERVAL_S``: waiting for
 a lock longer than ``RESTORE_LOCK_WAIT_TIMEOUT_MS``, the restore is cancelled
 (``pg_cancel_backend``; the transaction rolls back) and the job fails naming the sessions
 that blocked it. Stop the application first (runbook §6.1 step 1), or end those sessions
@@ -78,7 +78,6 @@ REASON_MAX_CHARS = 500
 RESTORE_LOCK_WAIT_TIMEOUT_MS = 30_000
 # Counting before and after the restore waits no longer for a lock than the restore does.
 COUNT_LOCK_TIMEOUT_MS = RESTORE_LOCK_WAIT_TIMEOUT_MS
-POLL_INTERVAL_S = 0.5
 # After a cancel, how long pg_restore gets to notice and exit before it is killed.
 STOP_GRACE_S = 30
 SESSIONS_LISTED = 20
@@ -354,9 +353,7 @@ def restore_execute(ctx: JobContext) -> dict[str, Any]:
     result["tables"] = counts_table(result)
     _record(ctx, env, result)
     if mismatches:
-        # job_execute keeps a result only for a job that succeeded; this one fails, and its
-        # page must still show the counts.
-        Job.objects.filter(pk=ctx.job_id).update(result=result)
+        ctx.keep_result(result)  # the job fails, and its page must still show the counts
         ctx.log(
             _("The restored rows do not match the backup: %(m)s") % {"m": "; ".join(mismatches)},
             level="error",
@@ -443,7 +440,7 @@ def _after_failure(ctx: JobContext, env: Environment, result: dict[str, Any], *,
             }
         )
     _record(ctx, env, result)
-    Job.objects.filter(pk=ctx.job_id).update(result=result)  # see restore_execute
+    ctx.keep_result(result)
 
 
 # --- pg_restore and its watcher -----------------------------------------------------------------
@@ -481,37 +478,32 @@ def _pg_restore_run(ctx: JobContext, env: Environment, pg_restore: str, archive:
             argv, env=child_env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr
         )
         blocked: list[dict[str, Any]] = []
+        waiting_since: float | None = None
+
+        def lock_wait_exceeded() -> bool:
+            """Cancel the restore once it has waited RESTORE_LOCK_WAIT_TIMEOUT_MS for a lock."""
+            nonlocal waiting_since, blocked
+            row = watch.execute(_WATCH_SQL, [app_name]).fetchone()
+            if row is None or row[1] != "Lock":
+                waiting_since = None
+                return False
+            waiting_since = waiting_since or time.monotonic()
+            if (time.monotonic() - waiting_since) * 1000 < RESTORE_LOCK_WAIT_TIMEOUT_MS:
+                return False
+            blocked = _sessions(env, pids=list(row[3] or []), conn=watch)
+            ctx.log(
+                _("The restore waited %(s)s s for a lock; cancelling it. Blocked by: %(list)s")
+                % {
+                    "s": RESTORE_LOCK_WAIT_TIMEOUT_MS // 1000,
+                    "list": "; ".join(_session_text(s) for s in blocked) or "?",
+                },
+                level="error",
+            )
+            _stop(proc, watch, app_name)
+            return True
+
         try:
-            waiting_since: float | None = None
-            last_message = ""
-            while True:
-                try:
-                    proc.wait(timeout=POLL_INTERVAL_S)
-                    break
-                except subprocess.TimeoutExpired:
-                    pass
-                ctx.check_cancel()
-                row = watch.execute(_WATCH_SQL, [app_name]).fetchone()
-                if row is not None and row[1] == "Lock":
-                    waiting_since = waiting_since or time.monotonic()
-                    if (time.monotonic() - waiting_since) * 1000 >= RESTORE_LOCK_WAIT_TIMEOUT_MS:
-                        blocked = _sessions(env, pids=list(row[3] or []), conn=watch)
-                        ctx.log(
-                            _("The restore waited %(s)s s for a lock; cancelling it. Blocked by: %(list)s")
-                            % {
-                                "s": RESTORE_LOCK_WAIT_TIMEOUT_MS // 1000,
-                                "list": "; ".join(_session_text(s) for s in blocked) or "?",
-                            },
-                            level="error",
-                        )
-                        _stop(proc, watch, app_name)
-                        break
-                else:
-                    waiting_since = None
-                message = backups.last_line(stderr)
-                if message and message != last_message:
-                    ctx.progress(3, STEPS, message[:200])
-                    last_message = message
+            backups.watch_process(proc, stderr, ctx, step=3, steps=STEPS, tick=lock_wait_exceeded)
         except BaseException as exc:  # a cancel, the time limit, anything: never leave it running
             _stop(proc, watch, app_name)
             if proc.returncode == 0:  # too late: it had committed
