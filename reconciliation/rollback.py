@@ -43,6 +43,7 @@ from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 from django.utils.translation import gettext as _
+from django.utils.translation import gettext_lazy
 
 from audit.services import SYSTEM_WORKER, audit_record
 from billing_ops import access
@@ -164,11 +165,11 @@ class RollbackPreview:
 
 
 CONFLICT_LABELS = {
-    "deleted_since": "deleted since the run",
-    "changed_since": "changed since the run",
-    "no_old_values": "its audit row holds no previous values to restore",
-    "unknown_operation": "its audit row names no insert or update",
-    "not_a_line": "its record id is not a line id",
+    "deleted_since": gettext_lazy("deleted since the run"),
+    "changed_since": gettext_lazy("changed since the run"),
+    "no_old_values": gettext_lazy("its audit row holds no previous values to restore"),
+    "unknown_operation": gettext_lazy("its audit row names no insert or update"),
+    "not_a_line": gettext_lazy("its record id is not a line id"),
 }
 
 
@@ -535,6 +536,9 @@ def rollback_execute(ctx: JobContext) -> dict[str, Any]:
             finished_at=timezone.now(),
         )
         job = Job.objects.select_related("requested_by", "approved_by").get(pk=ctx.job_id)
+        requester = job.requested_by.get_username() if job.requested_by else ""
+        approver = job.approved_by.get_username() if job.approved_by else ""
+        reason = ctx.params.get("reason", "")
         audit_record(
             actor=SYSTEM_WORKER,
             action="upsert.rolled_back",
@@ -543,10 +547,10 @@ def rollback_execute(ctx: JobContext) -> dict[str, Any]:
             object_id=ctx.job_id,
             params={
                 "run_id": run_id,
-                "reason": ctx.params.get("reason", ""),
+                "reason": reason,
                 "preview_digest": ctx.params["preview_digest"],
-                "requested_by": job.requested_by.get_username() if job.requested_by else "",
-                "approved_by": job.approved_by.get_username() if job.approved_by else "",
+                "requested_by": requester,
+                "approved_by": approver,
             },
             outcome={
                 "deleted": outcome.deleted,
@@ -556,15 +560,14 @@ def rollback_execute(ctx: JobContext) -> dict[str, Any]:
                 "audit_head": outcome.audit_head or "",
             },
         )
-        _notify(env, job, outcome)
+        _notify(env, ctx.job_id, outcome, reason=reason, requester=requester, approver=approver)
     return outcome.as_result()
 
 
-def _notify(env: Environment, job: Job, outcome: RollbackOutcome) -> None:
+def _notify(
+    env: Environment, job_id: int, outcome: RollbackOutcome, *, reason: str, requester: str, approver: str
+) -> None:
     """Runbook §6.3: the ops channel's line, and the email to the product owner and finance."""
-    reason = job.params.get("reason", "")
-    who = job.requested_by.get_username() if job.requested_by else ""
-    approver = job.approved_by.get_username() if job.approved_by else ""
     body = "\n".join(
         [
             "Billing reconciliation rolled back.",
@@ -575,14 +578,14 @@ def _notify(env: Environment, job: Job, outcome: RollbackOutcome) -> None:
             f"Inserted lines deleted: {outcome.deleted}",
             f"Updated lines restored to their previous values: {outcome.restored}",
             f"Lines skipped (changed or deleted since the run, left as they are): {outcome.skipped}",
-            f"Requested by {who}, approved by {approver} (job #{job.pk}).",
+            f"Requested by {requester}, approved by {approver} (job #{job_id}).",
         ]
     )
     notify_stakeholders(
         email_subject=f"Billing reconciliation rolled back: run {outcome.run_id} ({env.label})",
         email_body=body,
         ops_text=f"🔴 Rollback executed for run {outcome.run_id}. Reason: {reason}",
-        source=f"job:{job.pk}",
+        source=f"job:{job_id}",
     )
 
 

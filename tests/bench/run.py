@@ -16,19 +16,18 @@ def main() -> int:
     django.setup()
     from tests.bench import bench_chain, bench_locks, bench_release, bench_rollback, bench_seed, bench_upsert
 
-    names = sys.argv[1:] or ["seed", "locks", "release", "upsert", "rollback", "chain"]
-    if "seed" in names:
-        bench_seed.main()
-    if "locks" in names:
-        bench_locks.main()
-    if "release" in names:
-        bench_release.main()
-    if "upsert" in names:
-        bench_upsert.main()
-    if "rollback" in names:
-        bench_rollback.main()
-    if "chain" in names:
-        bench_chain.main()
+    benches = {
+        "seed": bench_seed,
+        "locks": bench_locks,
+        "release": bench_release,
+        "upsert": bench_upsert,
+        "rollback": bench_rollback,
+        "chain": bench_chain,
+    }
+    names = sys.argv[1:] or list(benches)
+    for name in benches:  # in this order, whatever the order asked
+        if name in names:
+            benches[name].main()
     return 0
 
 
