@@ -176,24 +176,33 @@ def backups_list(env: Environment) -> list[Backup]:
         return []
     except OSError as exc:
         raise BackupError(_("Cannot read the backup folder %(path)s: %(why)s") % _why(folder, exc)) from None
-    backups = []
-    for entry in entries:
-        if not BACKUP_NAME_RE.match(entry.name) or not entry.is_file(follow_symlinks=False):
-            continue
-        stat = entry.stat(follow_symlinks=False)
-        manifest = _manifest_read(folder / entry.name)
-        verified = bool(manifest and manifest.get("verified") and manifest.get("size_bytes") == stat.st_size)
-        backups.append(
-            Backup(
-                name=entry.name,
-                size_bytes=stat.st_size,
-                modified_at=datetime.fromtimestamp(stat.st_mtime, tz=UTC),
-                verified=verified,
-                sha256=str(manifest.get("sha256", "")) if manifest else "",
-                row_counts=manifest_row_counts(manifest),
-            )
-        )
+    backups = [
+        _backup(folder / entry.name, entry.stat(follow_symlinks=False))[0]
+        for entry in entries
+        if BACKUP_NAME_RE.match(entry.name) and entry.is_file(follow_symlinks=False)
+    ]
     return sorted(backups, key=lambda b: (b.modified_at, b.name), reverse=True)
+
+
+def backup_get(env: Environment, name: str) -> tuple[Backup, dict[str, Any] | None]:
+    """One backup of the environment, as ``backups_list`` shows it, and its manifest (None
+    for a file the dashboard did not make); BackupError for a name that is not one."""
+    path = backup_path(env, name)
+    return _backup(path, path.stat())
+
+
+def _backup(path: Path, stat: os.stat_result) -> tuple[Backup, dict[str, Any] | None]:
+    manifest = _manifest_read(path)
+    verified = bool(manifest and manifest.get("verified") and manifest.get("size_bytes") == stat.st_size)
+    backup = Backup(
+        name=path.name,
+        size_bytes=stat.st_size,
+        modified_at=datetime.fromtimestamp(stat.st_mtime, tz=UTC),
+        verified=verified,
+        sha256=str(manifest.get("sha256", "")) if manifest else "",
+        row_counts=manifest_row_counts(manifest),
+    )
+    return backup, manifest
 
 
 def backup_path(env: Environment, name: str) -> Path:

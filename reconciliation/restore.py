@@ -144,10 +144,8 @@ class RestoreCandidate:
 def restore_candidate(env: Environment, name: str) -> RestoreCandidate:
     """The environment's backup called ``name``, if the dashboard verified it; BackupError
     otherwise (no such backup, not ours, or changed in size since it was verified)."""
-    path = backups.backup_path(env, name)
-    listed = next((b for b in backups.backups_list(env) if b.name == path.name), None)
-    manifest = backups.backup_manifest(env, name)
-    if listed is None or manifest is None or not listed.verified:
+    listed, manifest = backups.backup_get(env, name)
+    if manifest is None or not listed.verified:
         raise BackupError(
             _(
                 "%(name)s was not verified by the dashboard (no manifest for a file of this size): "
