@@ -32,8 +32,9 @@ class AuditLog(models.Model):
 
 
 class AuditAction(models.TextChoices):
-    """The actions recorded so far (a filter's choices). The column is free text, not bound
-    to these: a new action needs no migration, only a dotted lower-case name."""
+    """Every action the dashboard records, with the label the trail and its filter show.
+    audit_record refuses any other, so a new action is named (and translated) here first;
+    the column stays free text, so adding one needs no migration."""
 
     JOB_REQUESTED = "job.requested", _("Job requested")
     JOB_APPROVED = "job.approved", _("Job approved")
@@ -45,6 +46,16 @@ class AuditAction(models.TextChoices):
     SCHEDULE_CHANGED = "schedule.changed", _("Schedule changed")
     ALERT_ACKNOWLEDGED = "alert.acknowledged", _("Alert acknowledged")
     LOGIN_FAILED = "auth.login_failed", _("Login failed")
+    UPSERT_ADHOC = "upsert.adhoc", _("Upsert run from the command line")
+    UPSERT_ROLLED_BACK = "upsert.rolled_back", _("Upsert run rolled back")
+    DUPLICATES_DELETED = "invoice_lines.duplicates_deleted", _("Duplicate invoice lines deleted")
+    INDEX_CREATED = "index.created", _("Index created")
+    INDEX_BUILD_FAILED = "index.build_failed", _("Index build failed")
+    INDEX_DROPPED_INVALID = "index.dropped_invalid", _("Invalid index dropped")
+    BACKEND_CANCELLED = "backend.cancelled", _("Database session's query cancelled")
+    BACKEND_TERMINATED = "backend.terminated", _("Database session terminated")
+    DATABASE_RESTORED = "database.restored", _("Database restored from a backup")
+    DATABASE_RESTORE_FAILED = "database.restore_failed", _("Database restore failed")
 
 
 class AppendOnlyError(Exception):

@@ -31,7 +31,6 @@ verification never needs to know a value's original type.
 from __future__ import annotations
 
 import enum
-import re
 import uuid
 from collections.abc import Mapping
 from datetime import date, datetime, timedelta
@@ -43,7 +42,7 @@ from django.db import connection, transaction
 from django.utils.functional import Promise
 
 from audit.chain import dashboard_entry_fields, entry_hash, format_created_at
-from audit.models import AuditEntry
+from audit.models import AuditAction, AuditEntry
 
 # pg_advisory_xact_lock key serialising appends to the chain ("billaud1").
 AUDIT_CHAIN_ADVISORY_LOCK_KEY = 0x62696C6C61756431
@@ -63,7 +62,6 @@ SYSTEM_SWEEPER = "system:sweeper"
 ANONYMOUS_ACTOR = "anonymous"
 
 # "job.requested", "locks.released", "auth.login_failed": dotted lower-case words.
-ACTION_PATTERN = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$")
 # PostgreSQL text and jsonb cannot hold NUL; it is replaced, never refused (a login
 # attempt must be recorded whatever bytes it carried).
 NUL = "\x00"
@@ -88,8 +86,8 @@ def audit_record(
     login), or a system actor such as ``SYSTEM_SCHEDULER``. ``params`` and ``outcome`` are
     stored with every leaf as a string (see ``audit_values``).
     """
-    if not ACTION_PATTERN.match(action):
-        raise ValueError(f"audit action {action!r} is not dotted lower-case words like 'job.approved'")
+    if action not in AuditAction.values:
+        raise ValueError(f"unknown audit action {action!r}: name it in audit.models.AuditAction first")
     actor_id, actor_name = _actor(actor)
     entry = AuditEntry(
         actor_id=actor_id,

@@ -53,6 +53,7 @@ import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +136,14 @@ class RestoreCandidate:
     @property
     def created_at(self) -> str:
         return str(self.manifest.get("created_at", ""))
+
+    @property
+    def taken_at(self) -> datetime | None:
+        """When the backup was taken, for display in the user's time zone and language."""
+        try:
+            return datetime.fromisoformat(self.created_at)
+        except ValueError:
+            return None
 
     @property
     def row_counts(self) -> dict[str, int | None] | None:

@@ -249,8 +249,10 @@ def test_it_refuses_values_it_cannot_write_faithfully() -> None:
 def test_it_refuses_an_actor_that_is_neither_a_user_nor_a_system_actor() -> None:
     with pytest.raises(ValueError, match="system actor"):
         audit_record(actor="operator1", action="job.requested")
-    with pytest.raises(ValueError, match="dotted"):
+    with pytest.raises(ValueError, match="unknown audit action"):
         audit_record(actor=SYSTEM_SCHEDULER, action="Job Requested")
+    with pytest.raises(ValueError, match="unknown audit action"):
+        audit_record(actor=SYSTEM_SCHEDULER, action="job.invented")
     assert not AuditEntry.objects.exists()
 
 

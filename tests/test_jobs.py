@@ -223,3 +223,21 @@ def test_a_job_of_a_kind_no_longer_configured_fails_cleanly(operator, unprotecte
     Job.objects.filter(pk=job.pk).update(kind="vanished_kind")
     assert services.job_execute(job_id=job.pk, worker="w") == JobStatus.FAILED
     assert "unknown job kind" in Job.objects.get(pk=job.pk).error
+
+
+def test_the_job_page_lists_parameters_only_where_no_details_section_explains_them(
+    operator, unprotected_env, destructive_kind, client_for
+) -> None:
+    plain = services.job_request(
+        actor=operator, kind="test_destructive", environment=unprotected_env.key, params={"runs": [4, 5]}
+    )
+    page = client_for(operator).get(f"/jobs/{plain.pk}/").content.decode()
+    assert "<code>runs</code> [4, 5]" in page and "{&#x27;runs&#x27;" not in page
+    detailed = Job.objects.create(
+        kind="upsert_rollback",
+        environment=unprotected_env.key,
+        params={"run_id": "r-1", "reason": "wrong month", "digest_marker": "zz-not-a-detail"},
+        requested_by=operator,
+    )
+    page = client_for(operator).get(f"/jobs/{detailed.pk}/").content.decode()
+    assert "wrong month" in page and "zz-not-a-detail" not in page
