@@ -527,6 +527,10 @@ def cmd_run() -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         os.environ.setdefault("BILLING_OPS_DEMO", "1")
+        # Demo recipients, so alerts and stakeholder messages show up on the Notifications
+        # page; with no SMTP host configured, Django prints the mail in the worker's log.
+        os.environ.setdefault("BILLING_OPS_ALERT_EMAILS", "ops@billing-ops.invalid")
+        os.environ.setdefault("BILLING_OPS_STAKEHOLDER_EMAILS", "finance@billing-ops.invalid")
         stack.up()
         lock.truncate(0)  # type: ignore[attr-defined]
         lock.write(f"pid {os.getpid()}, http://127.0.0.1:{port}/")  # type: ignore[attr-defined]

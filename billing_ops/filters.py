@@ -5,7 +5,7 @@ from django.utils.translation import gettext_lazy as _
 
 from billing_ops.forms import environment_choices
 from billing_ops.job_kinds import REGISTRY
-from billing_ops.models import Job, JobStatus
+from billing_ops.models import Job, JobStatus, Notification, NotificationChannel, NotificationStatus
 
 
 def kind_choices() -> list[tuple[str, str]]:
@@ -20,3 +20,12 @@ class JobFilter(django_filters.FilterSet):
     class Meta:
         model = Job
         fields = ["environment", "kind", "status"]
+
+
+class NotificationFilter(django_filters.FilterSet):
+    status = django_filters.ChoiceFilter(label=_("Status"), choices=NotificationStatus.choices)
+    channel = django_filters.ChoiceFilter(label=_("Channel"), choices=NotificationChannel.choices)
+
+    class Meta:
+        model = Notification
+        fields = ["status", "channel"]

@@ -226,6 +226,12 @@ class Notification(models.Model):
         return f"{self.channel} to {self.recipient_display}: {self.subject}"
 
     @property
+    def job_id(self) -> int | None:
+        """The job this message tells of (source ``job:N``), if any."""
+        kind, _sep, number = self.source.partition(":")
+        return int(number) if kind == "job" and number.isdigit() else None
+
+    @property
     def recipient_display(self) -> str:
         if self.channel == NotificationChannel.WEBHOOK:
             from billing_ops.notifications import webhook_display

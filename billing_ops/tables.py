@@ -5,7 +5,7 @@ from django.utils.translation import gettext_lazy as _
 
 from billing_ops.environments import environment_label
 from billing_ops.job_kinds import kind_label
-from billing_ops.models import Job
+from billing_ops.models import Job, Notification
 
 
 class JobTable(tables.Table):
@@ -33,3 +33,44 @@ class JobTable(tables.Table):
         template_name = "django_tables2/table.html"
         attrs = {"class": "table"}
         order_by = ("-id",)
+
+
+class NotificationTable(tables.Table):
+    """The outbox: what was told to whom, and whether it got there. A webhook's URL is a
+    credential, so only its ``recipient_display`` is shown."""
+
+    created_at = tables.DateTimeColumn(verbose_name=_("Queued"))
+    subject = tables.Column(verbose_name=_("Subject"))
+    channel = tables.Column(verbose_name=_("Channel"))
+    recipient = tables.Column(accessor="recipient_display", verbose_name=_("Recipient"), orderable=False)
+    status = tables.TemplateColumn(
+        '<span class="status status-{{ record.status }}">{{ record.get_status_display }}</span>',
+        verbose_name=_("Status"),
+    )
+    attempts = tables.Column(verbose_name=_("Attempts"))
+    sent_at = tables.DateTimeColumn(verbose_name=_("Sent"))
+    last_error = tables.Column(verbose_name=_("Last error"), attrs={"td": {"class": "error"}})
+    source = tables.TemplateColumn(
+        "{% if record.job_id %}<a href=\"{% url 'job_detail' record.job_id %}\">{{ record.source }}</a>"
+        "{% elif record.source %}{{ record.source }}{% else %}—{% endif %}",
+        verbose_name=_("About"),
+        orderable=False,
+    )
+
+    class Meta:
+        model = Notification
+        fields = ("created_at", "subject", "channel", "status", "attempts", "sent_at", "last_error")
+        sequence = (
+            "created_at",
+            "subject",
+            "channel",
+            "recipient",
+            "status",
+            "attempts",
+            "sent_at",
+            "last_error",
+            "source",
+        )
+        template_name = "django_tables2/table.html"
+        attrs = {"class": "table"}
+        order_by = ("-created_at",)

@@ -23,4 +23,5 @@ urlpatterns = [
     path("jobs/<int:job_id>/refuse/", views.job_refuse, name="job_refuse"),
     path("jobs/<int:job_id>/cancel/", views.job_cancel, name="job_cancel"),
     path("approvals/", views.approval_list, name="approval_list"),
+    path("notifications/", views.notification_list, name="notification_list"),
 ]

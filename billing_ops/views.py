@@ -14,11 +14,11 @@ from django.views.decorators.http import require_GET, require_POST
 from django_tables2 import RequestConfig
 
 from billing_ops import access, selectors, services
-from billing_ops.filters import JobFilter
+from billing_ops.filters import JobFilter, NotificationFilter
 from billing_ops.forms import DecisionForm, EnvironmentCheckForm
 from billing_ops.job_kinds import get_kind
-from billing_ops.models import Job
-from billing_ops.tables import JobTable
+from billing_ops.models import Job, Notification
+from billing_ops.tables import JobTable, NotificationTable
 
 JOBS_PER_PAGE = 50
 
@@ -57,6 +57,18 @@ def job_list(request: HttpRequest) -> HttpResponse:
     table = JobTable(job_filter.qs)
     RequestConfig(request, paginate={"per_page": JOBS_PER_PAGE}).configure(table)
     return render(request, "billing_ops/job_list.html", {"filter": job_filter, "table": table})
+
+
+@require_GET
+def notification_list(request: HttpRequest) -> HttpResponse:
+    """The outbox: every alert and stakeholder message, its recipient and whether it got there."""
+    access.require_viewer(request.user)
+    notification_filter = NotificationFilter(request.GET, queryset=Notification.objects.all())
+    table = NotificationTable(notification_filter.qs)
+    RequestConfig(request, paginate={"per_page": JOBS_PER_PAGE}).configure(table)
+    return render(
+        request, "billing_ops/notification_list.html", {"filter": notification_filter, "table": table}
+    )
 
 
 @require_GET

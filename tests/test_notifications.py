@@ -328,3 +328,24 @@ def test_beat_delivers_due_notifications_every_30_seconds() -> None:
     assert entry["schedule"] == 30.0
     celery_app.loader.import_default_modules()
     assert entry["task"] in celery_app.tasks
+
+
+# --- The outbox page ------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_the_outbox_page_lists_messages_without_any_webhook_secret(settings, viewer, client_for) -> None:
+    settings.ALERT_EMAILS = ["ops@example.com"]
+    settings.ALERT_WEBHOOK_URL = f"https://bot:pw@hooks.example.com{SECRET_PATH}?token=abc"
+    notify(subject="Dev: lock release #41 succeeded", body="b", source="job:41")
+    Notification.objects.filter(channel="email").update(status=NotificationStatus.SENT, attempts=1)
+
+    page = client_for(viewer).get("/notifications/").content.decode()
+    assert page.count("Dev: lock release #41 succeeded") == 2
+    assert "ops@example.com" in page and "https://hooks.example.com/…" in page
+    assert 'href="/jobs/41/"' in page
+    for secret in ("s3cret", "token=abc", "bot:pw", SECRET_PATH):
+        assert secret not in page
+
+    sent_only = client_for(viewer).get("/notifications/?status=sent").content.decode()
+    assert "ops@example.com" in sent_only and "hooks.example.com" not in sent_only

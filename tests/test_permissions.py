@@ -114,6 +114,7 @@ MATRIX: dict[str, tuple[str, dict[str, Any]]] = {
     "environment_chain_verify": ("POST", OPERATOR_OR_APPROVER),
     "job_list": ("GET", READ_ONLY),
     "approval_list": ("GET", READ_ONLY),
+    "notification_list": ("GET", READ_ONLY),
     "job_detail": ("GET", READ_ONLY),
     "job_status": ("GET", READ_ONLY),
     "environment_check_request": (
