@@ -13,9 +13,11 @@ that an ops team can trust it with production:
    cleanup per environment and run at a time; a second request is refused naming the job.
 3. **Delete** (``lock_release_execute``, on a worker): run by run, batch by batch, each
    batch one short transaction with ``lock_timeout``. A batch is a range of ctids fixed at
-   preview time with its row count and fingerprint: if that range still holds exactly those
-   rows, and the run is still eligible (checked ``FOR SHARE`` in the same statement), they
-   go by one TID range scan. Otherwise the batch is compared row by row with the plan: only
+   preview time with its row count and fingerprint: the run's rows in that range are
+   deleted by one TID range scan (if the run is still eligible, checked ``FOR SHARE`` in the
+   same statement), and kept deleted only if the deleted rows have exactly the preview's
+   count and fingerprint. Otherwise that is rolled back and the batch is compared row by
+   row with the plan: only
    rows still exactly as previewed are deleted; rows that appeared since were never in the
    plan; rows that changed are left alone and reported. Progress is per batch; a cancel
    takes effect between batches; a session advisory lock per run keeps any other process
@@ -451,29 +453,23 @@ ROW_DIGEST_SUM = (
     "coalesce(sum(hashtextextended(concat_ws(E'\\t', {id}, {key}, {type}, {eid}, {sys}::text), 0)), 0)::text"
 )
 
-# The fast path: the batch's ctid range still holds exactly the previewed rows (same count,
-# same fingerprint, in this statement's snapshot) — then they go, found by a TID range scan
-# of those blocks only. A row changed or deleted by someone else meanwhile is skipped by the
-# DELETE (its ctid no longer matches), so a batch is never more than previewed; whatever is
-# left falls back to comparing row by row (DELETE_BATCH_SQL).
+# The fast path: delete the run's rows in the batch's ctid range (a TID range scan of the
+# heap blocks they were in at preview time) and check, in the same transaction, that what
+# went is exactly the preview: same count, same fingerprint over the deleted rows' values
+# as returned by the DELETE (so a row someone changed meanwhile shows up as a different
+# fingerprint). If not, the transaction is rolled back and the batch falls back to comparing
+# row by row (DELETE_BATCH_SQL). The run must still be eligible (ELIGIBLE_RUN_CTE) or
+# nothing is deleted.
 FAST_DELETE_SQL = (
     ELIGIBLE_RUN_CTE
     + """,
-target AS (
-    SELECT l.ctid AS tid, l.id, l.lock_key, l.entity_type, l.entity_id, l.system_lock
-    FROM lock.locks l JOIN run ON l.billing_id = run.id
-    WHERE l.ctid >= %(first)s::tid AND l.ctid <= %(last)s::tid {system_only}
-),
-verdict AS (
-    SELECT count(*) AS n, {row_digest_sum} AS digest FROM target
-),
 deleted AS (
     DELETE FROM lock.locks l
-    USING target t, verdict v
-    WHERE l.ctid = t.tid AND v.n = %(size)s AND v.digest = %(digest)s
-    RETURNING l.entity_type
+    USING run
+    WHERE l.ctid >= %(first)s::tid AND l.ctid <= %(last)s::tid AND l.billing_id = run.id {system_only}
+    RETURNING l.id, l.lock_key, l.entity_type, l.entity_id, l.system_lock
 )
-SELECT entity_type, count(*) FROM deleted GROUP BY entity_type
+SELECT entity_type, count(*), {row_digest_sum} FROM deleted GROUP BY entity_type
 """
 )
 
@@ -638,9 +634,11 @@ def _release_batch(
     )
 
     def fast() -> dict[str, int]:
-        by_type = {entity_type: int(n) for entity_type, n in conn.execute(fast_sql, params).fetchall()}
-        if sum(by_type.values()) != batch.size:
-            raise _NotAsPreviewed  # rolls back whatever this statement did delete
+        rows = conn.execute(fast_sql, params).fetchall()
+        by_type = {entity_type: int(n) for entity_type, n, _digest in rows}
+        digest = str(sum(int(d) for _type, _n, d in rows))  # the sum of the groups' sums
+        if sum(by_type.values()) != batch.size or digest != batch.digest:
+            raise _NotAsPreviewed  # rolls back whatever this statement deleted
         return by_type
 
     try:

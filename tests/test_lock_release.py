@@ -106,6 +106,39 @@ def test_a_lock_added_or_changed_after_the_preview_is_not_deleted(operator, env_
     assert job.result["released"] == 34 and job.result["gone"] == 1
 
 
+def test_a_lock_whose_values_changed_in_place_is_left_alone(operator, env_with_runs) -> None:
+    env = env_with_runs
+    plan = release.release_plan_prepare(actor=operator, env=env, run_ids=[1], system_only=False)
+    with connections[env.alias].cursor() as cursor:  # same rows, one value differs
+        cursor.execute("UPDATE lock.locks SET entity_id = entity_id || '-x' WHERE id = 'r1-s-mix-3'")
+    job = release.release_request(actor=operator, plan_id=plan.pk, digest=plan.digest)
+    services.job_execute(job_id=job.pk, worker="test")
+    job.refresh_from_db()
+    assert lock_ids(env, "billing_id = 1") == {"r1-s-mix-3"}
+    assert job.result["released"] == 34 and job.result["gone"] == 1
+
+
+@pytest.mark.parametrize("fingerprint_differs", [False, True])
+def test_a_batch_whose_deleted_rows_do_not_match_the_preview_fingerprint_is_undone_and_compared_row_by_row(
+    operator, env_with_runs, monkeypatch, fingerprint_differs
+) -> None:
+    # Where a changed row's new version lands in the heap is up to PostgreSQL, so the
+    # fingerprint check is proven directly: the preview's fingerprint is made to differ from
+    # the rows (which match the plan), and the batch must take the exact path.
+    env = env_with_runs
+    plan = release.release_plan_prepare(actor=operator, env=env, run_ids=[1], system_only=False)
+    if fingerprint_differs:
+        LockReleaseBatch.objects.filter(plan=plan).update(digest="12345")
+    exact_path: list[int] = []
+    load_plan = release._load_plan
+    monkeypatch.setattr(release, "_load_plan", lambda *a, **k: (exact_path.append(1), load_plan(*a, **k)))
+    job = release.release_request(actor=operator, plan_id=plan.pk, digest=plan.digest)
+    services.job_execute(job_id=job.pk, worker="test")
+    job.refresh_from_db()
+    assert lock_ids(env, "billing_id = 1") == set() and job.result["released"] == 35
+    assert exact_path == ([1] if fingerprint_differs else [])
+
+
 def test_a_run_that_is_running_again_is_skipped_with_the_reason(
     operator, env_with_runs, small_batches
 ) -> None:
