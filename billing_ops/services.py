@@ -31,7 +31,7 @@ from django.contrib.auth.models import AbstractBaseUser, AnonymousUser, User
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import IntegrityError, connections, transaction
 from django.db.models import F, Q
-from django.utils import timezone
+from django.utils import timezone, translation
 from django.utils.module_loading import import_string
 from django.utils.translation import gettext as _
 
@@ -431,7 +431,15 @@ def job_claim(*, job_id: int, worker: str) -> Job | None:
 
 
 def job_execute(*, job_id: int, worker: str | None = None) -> str:
-    """Run one job on this worker. Returns the final status (or 'skipped')."""
+    """Run one job on this worker. Returns the final status (or 'skipped').
+
+    Its log lines, result texts and notices are stored and read by everyone: they are
+    written in the deployment's language (LANGUAGE_CODE), whoever asked for the job."""
+    with translation.override(settings.LANGUAGE_CODE):
+        return _job_execute(job_id=job_id, worker=worker)
+
+
+def _job_execute(*, job_id: int, worker: str | None) -> str:
     worker = worker or socket.gethostname()
     job = job_claim(job_id=job_id, worker=worker)
     if job is None:
@@ -519,7 +527,8 @@ def _kind_settled(job: Job) -> None:
     if kind is None or not kind.on_settled:
         return
     try:
-        import_string(kind.on_settled)(job)
+        with translation.override(settings.LANGUAGE_CODE):  # notices: see job_execute
+            import_string(kind.on_settled)(job)
     except Exception:
         logger.exception("on_settled hook of job %s failed", job.pk)
 

@@ -339,12 +339,8 @@ if LANGUAGE_CODE not in dict(LANGUAGES):
 LOCALE_PATHS = [BASE_DIR / "locale"]
 LANGUAGE_COOKIE_AGE = 365 * 24 * 3600  # the sign-in page remembers the last choice for a year
 LANGUAGE_COOKIE_SAMESITE = "Lax"
-# Emails and webhook texts have no reader's preference: they are written in this language.
-NOTIFICATION_LANGUAGE = os.environ.get("BILLING_OPS_NOTIFICATION_LANGUAGE", LANGUAGE_CODE)
-if NOTIFICATION_LANGUAGE not in dict(LANGUAGES):
-    raise ImproperlyConfigured(
-        f"BILLING_OPS_NOTIFICATION_LANGUAGE must be one of {', '.join(dict(LANGUAGES))}"
-    )
+# LANGUAGE_CODE is also the language of texts written with no reader at hand: emails,
+# webhook messages, alert summaries and job log lines are written (and stored) in it.
 # The display time zone a user has not chosen one (each user can pick their own).
 TIME_ZONE = os.environ.get("BILLING_OPS_DISPLAY_TIME_ZONE", "UTC")
 try:
