@@ -102,8 +102,13 @@ class PreferenceMiddleware:
                 timezone.deactivate()
         try:
             response = self.get_response(request)
+            # LocaleMiddleware (outside) keeps a header already set: the language the page has.
+            response.headers.setdefault("Content-Language", translation.get_language())
         finally:
+            # Leave the thread as it was found: the next request (or test) starts from the
+            # defaults, never from this user's choice.
             timezone.deactivate()
+            translation.deactivate()
         # Read again: the request may have just changed it (the switcher).
         language = request.session.get(SESSION_LANGUAGE_KEY) if hasattr(request, "session") else None
         if language and request.COOKIES.get(settings.LANGUAGE_COOKIE_NAME) != language:

@@ -62,7 +62,8 @@ def stuck_locks_svg(
         title = _("Stuck locks over time: no snapshots yet")
         body = (
             f'<text x="{width / 2:.1f}" y="{height / 2:.1f}" text-anchor="middle" {text}>'
-            f"{escape(_('No snapshots yet'))}</text>"
+            + escape(_("No snapshots yet"))
+            + "</text>"
         )
         return _svg(width, height, title, body)
 

@@ -275,15 +275,20 @@ def _md_header(envs: list[dict[str, Any]], generated_at: datetime) -> str:
     lines = [
         f"# {REPORT_TITLE}",
         "",
-        f"**{_('Date:')}** {generated_at:%Y-%m-%d %H:%M %Z}  ",
-        f"**{_('Analysis:')}** "
+        "**" + _("Date:") + f"** {generated_at:%Y-%m-%d %H:%M %Z}  ",
+        "**"
+        + _("Analysis:")
+        + "** "
         + _("Find all billing runs with status COMPLETED that still have locked objects")
         + "  ",
-        f"**{_('Environments Analyzed:')}** {_labels(reachable) or _('none')}"
+        "**"
+        + _("Environments Analyzed:")
+        + "** "
+        + (_labels(reachable) or _("none"))
         + ("  " if unreachable else ""),
     ]
     if unreachable:
-        lines.append(f"**{_('Environments Unreachable:')}** {_labels(unreachable)}")
+        lines.append("**" + _("Environments Unreachable:") + "** " + _labels(unreachable))
     return "\n".join(lines)
 
 
@@ -312,7 +317,7 @@ def _md_executive_summary(envs: list[dict[str, Any]]) -> str:
             "✅ **RESULT:** No billing runs with status COMPLETED that have locked objects were found "
             "in any environment."
         )
-    lines = [f"## {_('Executive Summary')}", "", result]
+    lines = ["## " + _("Executive Summary"), "", result]
     if unreachable:
         lines += [
             "",
@@ -324,9 +329,9 @@ def _md_executive_summary(envs: list[dict[str, Any]]) -> str:
 
 def _md_results(envs: list[dict[str, Any]]) -> str:
     lines = [
-        f"## {_('Database Analysis Results')}",
+        "## " + _("Database Analysis Results"),
         "",
-        f"### {_('Environment Summary')}",
+        "### " + _("Environment Summary"),
         "",
         _md_row(
             [
@@ -347,7 +352,7 @@ def _md_results(envs: list[dict[str, Any]]) -> str:
             _n(env[key]) for key in ("total_runs", "completed_runs", "completed_with_locks", "total_locks")
         )
         lines.append(f"| {name} | {md_escape(env['host'])} | {figures} |")
-    lines += ["", f"### {_('Detailed Findings')}"]
+    lines += ["", "### " + _("Detailed Findings")]
     for env in envs:
         lines += ["", *_md_findings(env)]
     return "\n".join(lines)
@@ -422,13 +427,13 @@ def _md_findings(env: dict[str, Any]) -> list[str]:
 
 
 def _md_query() -> str:
-    return "\n".join([f"## {_('Query Used')}", "", "```sql", STUCK_RUNS_SQL.strip(), "```"])
+    return "\n".join(["## " + _("Query Used"), "", "```sql", STUCK_RUNS_SQL.strip(), "```"])
 
 
 def _md_schema() -> str:
     return "\n".join(
         [
-            f"## {_('Database Schema Information')}",
+            "## " + _("Database Schema Information"),
             "",
             "- **Billing runs table:** `billing.billings`",
             "- **Locks table:** `lock.locks`",
@@ -501,7 +506,7 @@ def _md_observations(envs: list[dict[str, Any]], figures: dict[str, LockFigures]
         warnings = _observation_per_env(known, lambda env: _warning_observation(figures[env["key"]]))
         if warnings:
             items.append("**Other Warning Signs:**" + _sub(warnings))
-    return _md_numbered(f"## {_('Observations')}", items)
+    return _md_numbered("## " + _("Observations"), items)
 
 
 def _holding_observation(env: dict[str, Any]) -> str | None:
@@ -579,7 +584,7 @@ def _md_recommendations(envs: list[dict[str, Any]], figures: dict[str, LockFigur
     leaking = [
         env for env in envs if env["key"] in figures and not figures[env["key"]].procedure.deletes_locks
     ]
-    parts = [f"## {_('Recommendations')}"]
+    parts = ["## " + _("Recommendations")]
     number = 0
 
     def add(title: str, lines: list[str]) -> None:
@@ -645,9 +650,9 @@ def _md_conclusion(envs: list[dict[str, Any]], generated_at: datetime) -> str:
         status = "No active issue found. No COMPLETED billing run holds locks in any environment."
     return "\n".join(
         [
-            f"## {_('Conclusion')}",
+            "## " + _("Conclusion"),
             "",
-            f"**{_('Status:')}** {status}",
+            "**" + _("Status:") + f"** {status}",
             "",
             "---",
             "",
