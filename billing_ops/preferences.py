@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Literal, cast
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 from django.conf import settings
@@ -20,6 +21,8 @@ from django.utils import timezone, translation
 from django.utils.translation import gettext as _
 
 from billing_ops.models import UserPreference
+
+SameSite = Literal["Lax", "Strict", "None", False] | None
 
 SESSION_LANGUAGE_KEY = "billing_ops_language"
 SESSION_TIME_ZONE_KEY = "billing_ops_time_zone"
@@ -39,17 +42,15 @@ def time_zone_names() -> list[str]:
     return sorted(available_timezones())
 
 
-def preference_get(user: object) -> Preference:
+def preference_get(user: Any) -> Preference:
     """The user's saved choice, or the deployment's defaults where they made none."""
-    row = UserPreference.objects.filter(user_id=getattr(user, "pk", None)).first()
+    row = UserPreference.objects.filter(user_id=user.pk).first()
     language = row.language if row and row.language in language_codes() else settings.LANGUAGE_CODE
     time_zone = row.time_zone if row and row.time_zone else settings.TIME_ZONE
     return Preference(language=language, time_zone=time_zone)
 
 
-def preference_update(
-    *, user: object, language: str | None = None, time_zone: str | None = None
-) -> Preference:
+def preference_update(*, user: Any, language: str | None = None, time_zone: str | None = None) -> Preference:
     """Save the user's language and/or display time zone (None: leave as it is)."""
     if language is not None and language not in language_codes():
         raise ValidationError(_("Unknown language: %(code)s") % {"code": language})
@@ -63,7 +64,7 @@ def preference_update(
         fields["language"] = language
     if time_zone is not None:
         fields["time_zone"] = time_zone
-    UserPreference.objects.update_or_create(user_id=getattr(user, "pk", None), defaults=fields)
+    UserPreference.objects.update_or_create(user_id=user.pk, defaults=fields)
     return preference_get(user)
 
 
@@ -73,7 +74,7 @@ def preference_remember(request: HttpRequest, preference: Preference) -> None:
     request.session[SESSION_TIME_ZONE_KEY] = preference.time_zone
 
 
-def remember_on_login(sender: object, request: HttpRequest | None, user: object, **kwargs: object) -> None:
+def remember_on_login(sender: object, request: HttpRequest | None, user: Any, **kwargs: object) -> None:
     """``user_logged_in`` receiver (connected in apps.py): a new session starts with the saved choice."""
     if request is not None and hasattr(request, "session"):
         preference_remember(request, preference_get(user))
@@ -125,5 +126,5 @@ def language_cookie_set(response: HttpResponse, language: str) -> None:
         domain=settings.LANGUAGE_COOKIE_DOMAIN,
         secure=settings.LANGUAGE_COOKIE_SECURE,
         httponly=settings.LANGUAGE_COOKIE_HTTPONLY,
-        samesite=settings.LANGUAGE_COOKIE_SAMESITE,
+        samesite=cast(SameSite, settings.LANGUAGE_COOKIE_SAMESITE),
     )
