@@ -34,6 +34,12 @@ class Preference:
     time_zone: str  # an IANA zone name
 
 
+def deployment_language() -> translation.override:
+    """For texts written with no reader at hand and stored or sent (job log lines, results,
+    alert summaries, emails): the deployment's language, whoever's request wrote them."""
+    return translation.override(settings.LANGUAGE_CODE)
+
+
 def language_codes() -> list[str]:
     return [code for code, _name in settings.LANGUAGES]
 

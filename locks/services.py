@@ -29,7 +29,7 @@ from django.conf import settings
 from django.contrib.auth.models import User
 from django.core.exceptions import ValidationError
 from django.db import connection, transaction
-from django.utils import timezone, translation
+from django.utils import timezone
 from django.utils.translation import gettext as _
 from django.utils.translation import ngettext
 
@@ -38,6 +38,7 @@ from billing_ops import access
 from billing_ops.environments import Environment, UnknownEnvironment, all_environments, get_environment
 from billing_ops.formats import grouped
 from billing_ops.notifications import notify
+from billing_ops.preferences import deployment_language
 from billing_ops.selectors import describe_error, run_per_environment
 from billing_ops.services import Actor
 from locks.models import (
@@ -304,7 +305,7 @@ def alert_findings(observations: Iterable[LockSnapshot | EnvironmentStatus]) -> 
     lists = _run_lists(snapshots, envs)
     findings = []
     # Summaries are stored with the alert and shown to every reader: the deployment's language.
-    with translation.override(settings.LANGUAGE_CODE):
+    with deployment_language():
         for key, snapshot in snapshots.items():
             env_lists = lists.get(key, {})
             findings.append(_completed_with_locks_finding(envs[key], snapshot, env_lists.get("stuck")))
@@ -414,7 +415,7 @@ ALERT_DAMAGES_LISTED = 10
 
 def _alert_notify(alert: Alert, event: str) -> None:
     """Compose the notice in the deployment's language (LANGUAGE_CODE): it has no reader at hand."""
-    with translation.override(settings.LANGUAGE_CODE):
+    with deployment_language():
         subject, body = _alert_notice(alert, event)
     notify(subject=subject, body=body, source=f"alert:{alert.pk}")
 

@@ -453,3 +453,22 @@ def test_the_reports_headings_follow_the_language_and_the_csv_keys_do_not(georgi
     csv_text = client.get(reverse("report_download", kwargs={"fmt": "csv"})).content.decode()
     assert csv_text.splitlines()[0].startswith("environment,label,host,")
     assert not GEORGIAN.search(csv_text)
+
+
+@pytestmark_pages
+def test_texts_stored_for_everyone_are_in_the_deployments_language(
+    unprotected_env, django_capture_on_commit_callbacks
+) -> None:
+    """A Georgian reader's request: the page tells them in Georgian, the job's log (read by
+    everyone, later) is written in LANGUAGE_CODE."""
+    user = make_user("ka-operator", "Operator")
+    client = client_in(user, "ka")
+    with django_capture_on_commit_callbacks(execute=False):
+        response = client.post(
+            reverse("environment_check_request"), {"environment": unprotected_env.key}, follow=True
+        )
+    job = Job.objects.get(requested_by=user)
+    with translation.override("ka"):
+        queued = translation.gettext("Environment check queued as job #%(id)s.") % {"id": job.pk}
+    assert queued in response.content.decode()
+    assert [line.message for line in job.log_lines.all()] == ["Requested by ka-operator."]
