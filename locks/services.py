@@ -450,38 +450,34 @@ def _alert_notice(alert: Alert, event: str) -> tuple[str, str]:
     ]
     runs = details.get("runs") or []
     if runs and event != "resolved":
-        lines += [
-            "",
+        lines += _listed(
             _("Runs, most locks first (%(shown)s of %(total)s):")
             % {"shown": len(runs), "total": details.get("runs_total")},
-        ]
-        lines += [
-            "  "
-            + _("%(number)s (id %(id)s): %(locks)s")
-            % {
-                "number": r["number"],
-                "id": r["id"],
-                "locks": _locks_text(r["lock_count"]),
-            }
-            for r in runs
-        ]
+            [
+                _("%(number)s (id %(id)s): %(locks)s")
+                % {"number": r["number"], "id": r["id"], "locks": _locks_text(r["lock_count"])}
+                for r in runs
+            ],
+        )
     damages = details.get("damages") or []
     if damages and event != "resolved":
         shown = damages[:ALERT_DAMAGES_LISTED]
-        lines += [
-            "",
+        lines += _listed(
             _("Damaged entries (%(shown)s of %(total)s):")
             % {"shown": len(shown), "total": details.get("damaged_entries")},
-        ]
-        lines += [
-            "  "
-            + _("entry #%(id)s: %(kind)s - %(detail)s")
-            % {"id": d["entry_id"], "kind": d["kind"], "detail": d["detail"]}
-            for d in shown
-        ]
+            [
+                _("entry #%(id)s: %(kind)s - %(detail)s")
+                % {"id": d["entry_id"], "kind": d["kind"], "detail": d["detail"]}
+                for d in shown
+            ],
+        )
     if details.get("job_id"):
         lines.append(_("Found by job #%(id)s.") % {"id": details["job_id"]})
     return subject, "\n".join(lines)
+
+
+def _listed(heading: str, items: list[str]) -> list[str]:
+    return ["", heading, *[f"  {item}" for item in items]]
 
 
 def _when(value: datetime | None) -> str:

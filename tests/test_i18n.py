@@ -388,10 +388,9 @@ def test_the_language_choice_is_remembered_across_sessions(unprotected_env) -> N
 
 
 @pytestmark_pages
-def test_the_switcher_refuses_an_unknown_language_and_a_foreign_next(unprotected_env) -> None:
+def test_the_switcher_refuses_an_unknown_language_and_a_foreign_next(unprotected_env, client_for) -> None:
     user = make_user("switcher2", "Viewer")
-    client = Client()
-    client.force_login(user)
+    client = client_for(user)
     response = client.post(reverse("language_set"), {"language": "xx", "next": "https://evil.example/"})
     assert response.status_code == 302 and response["Location"] == "/"
     assert not UserPreference.objects.filter(user=user).exists()
@@ -399,14 +398,13 @@ def test_the_switcher_refuses_an_unknown_language_and_a_foreign_next(unprotected
 
 @pytestmark_pages
 def test_the_display_time_zone_changes_the_rendered_time(
-    unprotected_env, django_capture_on_commit_callbacks
+    unprotected_env, django_capture_on_commit_callbacks, client_for
 ) -> None:
     user = make_user("tz-user", "Viewer", "Operator")
     with django_capture_on_commit_callbacks(execute=False):
         job = services.job_request(actor=user, kind="environment_check", environment=unprotected_env.key)
     Job.objects.filter(pk=job.pk).update(requested_at=datetime(2026, 1, 5, 8, 0, tzinfo=UTC))
-    client = Client()
-    client.force_login(user)
+    client = client_for(user)
     assert "2026-01-05 08:00 UTC" in client.get(reverse("job_list")).content.decode()
 
     response = client.post(reverse("preference_edit"), {"language": "en", "time_zone": "Asia/Tbilisi"})
@@ -423,20 +421,18 @@ def test_the_display_time_zone_changes_the_rendered_time(
 
 
 @pytestmark_pages
-def test_an_unknown_time_zone_is_refused(unprotected_env) -> None:
+def test_an_unknown_time_zone_is_refused(unprotected_env, client_for) -> None:
     user = make_user("tz-user2", "Viewer")
-    client = Client()
-    client.force_login(user)
+    client = client_for(user)
     response = client.post(reverse("preference_edit"), {"language": "en", "time_zone": "Mars/Olympus"})
     assert response.status_code == 200
     assert not UserPreference.objects.filter(user=user).exists()
 
 
 @pytestmark_pages
-def test_the_cleanup_schedule_says_which_zone_it_runs_in(unprotected_env, settings) -> None:
+def test_the_cleanup_schedule_says_which_zone_it_runs_in(unprotected_env, client_for, settings) -> None:
     user = make_user("tz-user3", "Viewer")
-    client = Client()
-    client.force_login(user)
+    client = client_for(user)
     html = client.get(reverse("cleanup_schedule")).content.decode()
     assert f'data-schedule-time-zone="{settings.CELERY_TIMEZONE}"' in html
 
