@@ -62,6 +62,7 @@ from typing import Any
 from django.db import connection, connections, transaction
 from django.db.models import QuerySet, TextField, Value
 from django.db.models.functions import Coalesce
+from django.utils.translation import gettext as _
 
 from audit.chain import HASH_SCHEME, chain_hash, content_hash, format_created_at
 from audit.models import AuditEntry
@@ -448,9 +449,9 @@ class _ChainWalk:
             earlier.link = LINK_LATER
             slot.linked_from.append(earlier)
             for one in (earlier, slot):
-                one.findings[DamageKind.ROWS_SWAPPED] = (
-                    f"#{earlier.entry_id} links to #{slot.entry_id}, which comes after it in created_at order"
-                )
+                one.findings[DamageKind.ROWS_SWAPPED] = _(
+                    "#%(id)s links to #%(later)s, which comes after it in created_at order"
+                ) % {"id": earlier.entry_id, "later": slot.entry_id}
 
         last = self.window[-1] if self.window else None
         expected = last.hash if last else None
@@ -459,16 +460,16 @@ class _ChainWalk:
             predecessor = last
         elif rehash is not None and rehash(expected) == hash:
             # Only its previous_hash was altered: the row really follows `last`.
-            slot.findings[DamageKind.CONTENT_CHANGED] = (
-                f"its previous_hash was changed from {_short(expected)} to {_short(previous_hash)}"
-            )
+            slot.findings[DamageKind.CONTENT_CHANGED] = _(
+                "its previous_hash was changed from %(old)s to %(new)s"
+            ) % {"old": _short(expected), "new": _short(previous_hash)}
             predecessor = last
         elif last is not None and last.content_ok is False and last.computed_hash == previous_hash:
             # The row before recomputes to what this one links to: only its hash column was altered.
-            last.findings[DamageKind.CONTENT_CHANGED] = (
-                f"its hash column was changed; the row itself still recomputes to {_short(previous_hash)}, "
-                f"which #{entry_id} links to"
-            )
+            last.findings[DamageKind.CONTENT_CHANGED] = _(
+                "its hash column was changed; the row itself still recomputes to %(hash)s, "
+                "which #%(id)s links to"
+            ) % {"hash": _short(previous_hash), "id": entry_id}
             predecessor = last
         elif previous_hash is None:
             self._link_empty(slot)
@@ -493,9 +494,9 @@ class _ChainWalk:
             ):
                 # It was written after the predecessor's predecessor and relinked since.
                 predecessor.relinked_by = slot.entry_id
-                slot.findings[DamageKind.CONTENT_CHANGED] = (
-                    f"its previous_hash was changed to link to #{predecessor.entry_id}"
-                )
+                slot.findings[DamageKind.CONTENT_CHANGED] = _(
+                    "its previous_hash was changed to link to #%(id)s"
+                ) % {"id": predecessor.entry_id}
 
         self.window.append(slot)
         self.by_hash.setdefault(hash, slot)
@@ -554,22 +555,24 @@ class _ChainWalk:
             findings = {DamageKind.ROW_INSERTED: self._inserted_detail(slot)}
         else:
             if slot.content_ok is False and DamageKind.CONTENT_CHANGED not in findings:
-                findings[DamageKind.CONTENT_CHANGED] = "its hash does not recompute from the row"
+                findings[DamageKind.CONTENT_CHANGED] = _("its hash does not recompute from the row")
             if slot.link == LINK_PENDING:
                 kind, detail = self._missing_predecessor(slot)
                 findings.setdefault(kind, detail)
             elif slot.link == LINK_EMPTY:
-                findings[DamageKind.LINK_BROKEN] = "its previous_hash is empty, but entries come before it"
+                findings[DamageKind.LINK_BROKEN] = _("its previous_hash is empty, but entries come before it")
         slot.linked_from = []  # judged: let go of the rows around it
         self._record(slot, findings)
 
     def _inserted_detail(self, slot: _Slot) -> str:
         if slot.relinked_by is not None:
-            return f"no entry linked to it until #{slot.relinked_by} was relinked to it"
-        detail = "no genuine entry links to it; the entry after it links past it"
+            return _("no entry linked to it until #%(id)s was relinked to it") % {"id": slot.relinked_by}
         if slot.content_ok is False:
-            detail += " (and its hash does not recompute)"
-        return detail
+            return _(
+                "no genuine entry links to it; the entry after it links past it "
+                "(and its hash does not recompute)"
+            )
+        return _("no genuine entry links to it; the entry after it links past it")
 
     def _missing_predecessor(self, slot: _Slot) -> tuple[DamageKind, str]:
         assert slot.previous_hash is not None
@@ -577,18 +580,24 @@ class _ChainWalk:
         if found is not None:
             return (
                 DamageKind.ROWS_SWAPPED,
-                f"it links to #{found}, which is far from it in created_at order",
+                _("it links to #%(id)s, which is far from it in created_at order") % {"id": found},
             )
         short = _short(slot.previous_hash)
         if self.index is None:  # the window was all we could search
-            missing = f"it links to {short}, which none of the {self.window_rows} entries around it has"
-            causes = f"deleted, rewritten and re-hashed, or moved more than {self.window_rows} entries away"
+            values = {"hash": short, "n": self.window_rows}
+            missing = _("it links to %(hash)s, which none of the %(n)s entries around it has") % values
+            causes = _("deleted, rewritten and re-hashed, or moved more than %(n)s entries away") % values
         else:
-            missing = f"it links to {short}, which no entry has"
-            causes = "deleted, or rewritten and re-hashed"
+            missing = _("it links to %(hash)s, which no entry has") % {"hash": short}
+            causes = _("deleted, or rewritten and re-hashed")
         if slot.position == 0:
-            return DamageKind.ROW_DELETED, f"entries before the first one were deleted: {missing}"
-        return DamageKind.ROW_DELETED, f"the entry before it is missing ({causes}): {missing}"
+            return DamageKind.ROW_DELETED, _("entries before the first one were deleted: %(missing)s") % {
+                "missing": missing
+            }
+        return DamageKind.ROW_DELETED, _("the entry before it is missing (%(causes)s): %(missing)s") % {
+            "causes": causes,
+            "missing": missing,
+        }
 
     def _record(self, slot: _Slot, findings: dict[DamageKind, str]) -> None:
         report = self.report

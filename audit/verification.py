@@ -37,6 +37,7 @@ from typing import Any
 from django.db import connection, connections
 from django.utils import timezone
 from django.utils.translation import gettext as _
+from django.utils.translation import ngettext
 
 from audit.models import AuditEntry
 from audit.selectors import (
@@ -48,6 +49,7 @@ from audit.selectors import (
 )
 from billing_ops import access
 from billing_ops.environments import Environment, all_environments
+from billing_ops.formats import grouped
 from billing_ops.job_kinds import CHAIN_VERIFY
 from billing_ops.models import Job
 from billing_ops.services import Actor, JobConflict, JobContext, job_request
@@ -157,7 +159,11 @@ def chain_verify_execute(ctx: JobContext) -> dict[str, Any]:
 
     summary = chain_summary(result)
     for damage in result["damages"][:LOGGED_DAMAGES]:
-        ctx.log(f"entry #{damage['entry_id']}: {damage['kind']} - {damage['detail']}", level="error")
+        ctx.log(
+            _("entry #%(id)s: %(kind)s - %(detail)s")
+            % {"id": damage["entry_id"], "kind": damage["kind"], "detail": damage["detail"]},
+            level="error",
+        )
     ctx.log(summary, level="info" if report.intact else "error")
     ctx.progress(report.entries, report.entries, summary)
     return result
@@ -237,13 +243,29 @@ def chain_finding(
     kind = AlertKind.AUDIT_CHAIN_BROKEN
     if report.intact:
         return Finding(env, kind, present=False, observed_at=observed_at)
-    where = env.label if env is not None else "Dashboard"
-    what = "audit_logs" if env is not None else "audit trail"
     n = report.damaged_entries
     first = report.first_broken
-    summary = f"{where}: {what} hash chain broken, {n:,} damaged {'entry' if n == 1 else 'entries'}" + (
-        f"; first broken entry #{first.entry_id}" if first else ""
-    )
+    values = {"where": env.label if env is not None else _("Dashboard"), "n": grouped(n)}
+    if env is not None:
+        summary = (
+            ngettext(
+                "%(where)s: audit_logs hash chain broken, %(n)s damaged entry",
+                "%(where)s: audit_logs hash chain broken, %(n)s damaged entries",
+                n,
+            )
+            % values
+        )
+    else:
+        summary = (
+            ngettext(
+                "%(where)s: audit trail hash chain broken, %(n)s damaged entry",
+                "%(where)s: audit trail hash chain broken, %(n)s damaged entries",
+                n,
+            )
+            % values
+        )
+    if first:
+        summary += _("; first broken entry #%(id)s") % {"id": first.entry_id}
     return Finding(
         env,
         kind,

@@ -13,6 +13,7 @@ from typing import Any
 
 from django.core.exceptions import PermissionDenied
 from django.http import Http404
+from django.utils.translation import gettext as _
 
 from billing_ops.environments import Environment, UnknownEnvironment, get_environment
 
@@ -45,22 +46,22 @@ def is_approver(user: Any) -> bool:
 
 def require_viewer(user: Any) -> None:
     if not is_viewer(user):
-        raise PermissionDenied("You need the Viewer role to see the dashboard.")
+        raise PermissionDenied(_("You need the Viewer role to see the dashboard."))
 
 
 def require_operator(user: Any) -> None:
     if not is_operator(user):
-        raise PermissionDenied("Only operators can queue jobs.")
+        raise PermissionDenied(_("Only operators can queue jobs."))
 
 
 def require_approver(user: Any) -> None:
     if not is_approver(user):
-        raise PermissionDenied("Only approvers can approve or refuse jobs.")
+        raise PermissionDenied(_("Only approvers can approve or refuse jobs."))
 
 
 def require_operator_or_approver(user: Any) -> None:
     if not (is_operator(user) or is_approver(user)):
-        raise PermissionDenied("Only operators and approvers can do this.")
+        raise PermissionDenied(_("Only operators and approvers can do this."))
 
 
 def get_environment_for_user(user: Any, key: str) -> Environment:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from django import forms
+from django.conf import settings
 from django.utils.translation import gettext_lazy as _
 
 from billing_ops.environments import all_environments
@@ -20,3 +21,24 @@ class DecisionForm(forms.Form):
     comment = forms.CharField(
         label=_("Comment"), required=False, max_length=2000, widget=forms.Textarea(attrs={"rows": 2})
     )
+
+
+def language_choices() -> list[tuple[str, str]]:
+    return list(settings.LANGUAGES)
+
+
+def time_zone_choices() -> list[tuple[str, str]]:
+    from billing_ops.preferences import time_zone_names
+
+    return [("", _("Default (%(zone)s)") % {"zone": settings.TIME_ZONE})] + [
+        (name, name) for name in time_zone_names()
+    ]
+
+
+class LanguageForm(forms.Form):
+    language = forms.ChoiceField(label=_("Language"), choices=language_choices)
+
+
+class PreferenceForm(forms.Form):
+    language = forms.ChoiceField(label=_("Language"), choices=language_choices)
+    time_zone = forms.ChoiceField(label=_("Display time zone"), choices=time_zone_choices, required=False)

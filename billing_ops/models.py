@@ -238,3 +238,19 @@ class Notification(models.Model):
 
             return webhook_display(self.recipient)
         return self.recipient
+
+
+# --- Per-user display preferences -------------------------------------------------------------
+
+
+class UserPreference(models.Model):
+    """How one user reads the dashboard: language and display time zone. Empty means the
+    deployment's default (``LANGUAGE_CODE``, ``TIME_ZONE``); see ``billing_ops.preferences``."""
+
+    user = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="preference")
+    language = models.CharField(max_length=8, blank=True)
+    time_zone = models.CharField(max_length=64, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return f"{self.user_id}: {self.language or '-'} {self.time_zone or '-'}"

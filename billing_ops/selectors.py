@@ -11,6 +11,7 @@ from typing import Any
 from django.conf import settings
 from django.db import connections
 from django.db.models import QuerySet
+from django.utils.translation import gettext as _
 
 from billing_ops.environments import Environment, environment_connect
 from billing_ops.models import Job
@@ -62,7 +63,7 @@ def run_per_environment(func: Any, envs: list[Environment], *, timeout_s: float)
     for env in envs:
         future = futures[env.key]
         if not future.done():
-            results[env.key] = TimeoutError(f"no answer within {timeout_s:g} s")
+            results[env.key] = TimeoutError(_("no answer within %(s)s s") % {"s": f"{timeout_s:g}"})
         elif future.exception() is not None:
             results[env.key] = future.exception()
         else:

@@ -40,6 +40,7 @@ from billing_ops import access
 from billing_ops.environments import Environment, get_environment
 from billing_ops.job_kinds import REGISTRY, JobKind, get_kind
 from billing_ops.models import Job, JobClaim, JobLogLine, JobStatus
+from billing_ops.preferences import deployment_language
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +120,8 @@ def job_request(
             requested_by=user_of(actor),
         )
         _claims_take(job, claims)
-        job_log(job.pk, _("Requested by %(user)s.") % {"user": actor.get_username()})
+        with deployment_language():
+            job_log(job.pk, _("Requested by %(user)s.") % {"user": actor.get_username()})
         audit_record(
             actor=actor,
             action="job.requested",
@@ -132,12 +134,13 @@ def job_request(
         if status == JobStatus.QUEUED:
             transaction.on_commit(lambda: job_dispatch(job_id=job.pk))
         else:
-            job_log(
-                job.pk,
-                _("Waiting for an approver (this kind of job always needs one).")
-                if job_kind.always_needs_approval
-                else _("Waiting for an approver (protected environment)."),
-            )
+            with deployment_language():
+                job_log(
+                    job.pk,
+                    _("Waiting for an approver (this kind of job always needs one).")
+                    if job_kind.always_needs_approval
+                    else _("Waiting for an approver (protected environment)."),
+                )
     return job
 
 
@@ -201,10 +204,12 @@ def job_approve(*, actor: Actor, job_id: int, digest: str, comment: str = "") ->
         job.save(
             update_fields=["status", "approved_by", "approved_at", "approved_digest", "decision_comment"]
         )
-        job_log(
-            job.pk,
-            _("Approved by %(user)s.") % {"user": actor.get_username()} + (f" {comment}" if comment else ""),
-        )
+        with deployment_language():
+            job_log(
+                job.pk,
+                _("Approved by %(user)s.") % {"user": actor.get_username()}
+                + (f" {comment}" if comment else ""),
+            )
         audit_record(
             actor=actor,
             action="job.approved",
@@ -237,10 +242,12 @@ def job_refuse(*, actor: Actor, job_id: int, comment: str = "") -> Job:
             params={"kind": job.kind, "comment": comment},
             outcome={"status": job.status},
         )
-        job_log(
-            job.pk,
-            _("Refused by %(user)s.") % {"user": actor.get_username()} + (f" {comment}" if comment else ""),
-        )
+        with deployment_language():
+            job_log(
+                job.pk,
+                _("Refused by %(user)s.") % {"user": actor.get_username()}
+                + (f" {comment}" if comment else ""),
+            )
         transaction.on_commit(lambda: _kind_settled(job))
     return job
 
@@ -257,16 +264,20 @@ def job_cancel(*, actor: Actor, job_id: int) -> Job:
             job.finished_at = timezone.now()
             job.save(update_fields=["status", "finished_at"])
             _claims_release(job.pk)
-            job_log(job.pk, _("Cancelled by %(user)s before it started.") % {"user": actor.get_username()})
+            with deployment_language():
+                job_log(
+                    job.pk, _("Cancelled by %(user)s before it started.") % {"user": actor.get_username()}
+                )
             transaction.on_commit(lambda: _kind_settled(job))
         elif job.status == JobStatus.RUNNING:
             job.cancel_requested = True
             job.save(update_fields=["cancel_requested"])
-            job_log(
-                job.pk,
-                _("Cancel requested by %(user)s; the job stops at its next safe point.")
-                % {"user": actor.get_username()},
-            )
+            with deployment_language():
+                job_log(
+                    job.pk,
+                    _("Cancel requested by %(user)s; the job stops at its next safe point.")
+                    % {"user": actor.get_username()},
+                )
         else:
             raise ValidationError(_("Job #%(id)s has already finished.") % {"id": job.pk})
         audit_record(
@@ -431,7 +442,15 @@ def job_claim(*, job_id: int, worker: str) -> Job | None:
 
 
 def job_execute(*, job_id: int, worker: str | None = None) -> str:
-    """Run one job on this worker. Returns the final status (or 'skipped')."""
+    """Run one job on this worker. Returns the final status (or 'skipped').
+
+    Its log lines, result texts and notices are stored and read by everyone: they are
+    written in the deployment's language (LANGUAGE_CODE), whoever asked for the job."""
+    with deployment_language():
+        return _job_execute(job_id=job_id, worker=worker)
+
+
+def _job_execute(*, job_id: int, worker: str | None) -> str:
     worker = worker or socket.gethostname()
     job = job_claim(job_id=job_id, worker=worker)
     if job is None:
@@ -519,7 +538,8 @@ def _kind_settled(job: Job) -> None:
     if kind is None or not kind.on_settled:
         return
     try:
-        import_string(kind.on_settled)(job)
+        with deployment_language():  # notices: see job_execute
+            import_string(kind.on_settled)(job)
     except Exception:
         logger.exception("on_settled hook of job %s failed", job.pk)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from django.core.exceptions import ImproperlyConfigured
 
@@ -108,10 +109,13 @@ MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.locale.LocaleMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.auth.middleware.LoginRequiredMiddleware",
+    # After authentication: a signed-in user's saved language and time zone win.
+    "billing_ops.preferences.PreferenceMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
@@ -325,10 +329,27 @@ SESSION_COOKIE_HTTPONLY = True
 SESSION_COOKIE_SECURE = env_bool("DJANGO_SECURE_COOKIES", not (DEBUG or DEMO_MODE or TESTING))
 CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
 
-LANGUAGE_CODE = "en"
+# The languages the dashboard ships (locale/<code>/LC_MESSAGES/django.po, compiled .mo
+# committed next to it). A signed-in user's choice is saved (billing_ops.preferences);
+# before sign-in the language cookie, then the browser's Accept-Language decide.
+LANGUAGES = [("en", "English"), ("ka", "ქართული")]
+LANGUAGE_CODE = os.environ.get("BILLING_OPS_LANGUAGE", "en")
+if LANGUAGE_CODE not in dict(LANGUAGES):
+    raise ImproperlyConfigured(f"BILLING_OPS_LANGUAGE must be one of {', '.join(dict(LANGUAGES))}")
+LOCALE_PATHS = [BASE_DIR / "locale"]
+LANGUAGE_COOKIE_AGE = 365 * 24 * 3600  # the sign-in page remembers the last choice for a year
+LANGUAGE_COOKIE_SAMESITE = "Lax"
+# LANGUAGE_CODE is also the language of texts written with no reader at hand: emails,
+# webhook messages, alert summaries and job log lines are written (and stored) in it.
+# The display time zone a user has not chosen one (each user can pick their own).
 TIME_ZONE = os.environ.get("BILLING_OPS_DISPLAY_TIME_ZONE", "UTC")
+try:
+    ZoneInfo(TIME_ZONE)
+except (ZoneInfoNotFoundError, ValueError):
+    raise ImproperlyConfigured(f"BILLING_OPS_DISPLAY_TIME_ZONE: unknown time zone {TIME_ZONE!r}") from None
 USE_I18N = True
-# Dates and times as operators read them in logs: ISO order, with the zone shown.
+# Dates and times as operators read them in logs, with the zone shown: one formats module
+# per language (billing_ops/formats/<code>), whose separators `intcomma` uses for counts.
 FORMAT_MODULE_PATH = ["billing_ops.formats"]
 USE_TZ = True
 

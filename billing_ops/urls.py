@@ -24,4 +24,6 @@ urlpatterns = [
     path("jobs/<int:job_id>/cancel/", views.job_cancel, name="job_cancel"),
     path("approvals/", views.approval_list, name="approval_list"),
     path("notifications/", views.notification_list, name="notification_list"),
+    path("preferences/", views.preference_edit, name="preference_edit"),
+    path("preferences/language/", views.language_set, name="language_set"),
 ]

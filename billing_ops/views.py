@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_not_required
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
+from django.utils import translation
+from django.utils.http import url_has_allowed_host_and_scheme
 from django.utils.module_loading import import_string
 from django.utils.translation import gettext as _
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_POST
 from django_tables2 import RequestConfig
 
-from billing_ops import access, selectors, services
+from billing_ops import access, preferences, selectors, services
 from billing_ops.filters import JobFilter, NotificationFilter
-from billing_ops.forms import DecisionForm, EnvironmentCheckForm
+from billing_ops.forms import DecisionForm, EnvironmentCheckForm, LanguageForm, PreferenceForm
 from billing_ops.job_kinds import get_kind
 from billing_ops.models import Job, Notification
 from billing_ops.tables import JobTable, NotificationTable
@@ -180,6 +183,66 @@ def job_cancel(request: HttpRequest, job_id: int) -> HttpResponse:
     except ValidationError as exc:
         messages.error(request, " ".join(exc.messages))
     return redirect("job_detail", job_id=job.pk)
+
+
+def _next_url(request: HttpRequest) -> str:
+    target = request.POST.get("next", "")
+    if url_has_allowed_host_and_scheme(
+        target, allowed_hosts={request.get_host()}, require_https=request.is_secure()
+    ):
+        return target
+    return "/"
+
+
+@login_not_required
+@require_POST
+def language_set(request: HttpRequest) -> HttpResponse:
+    """The header's language switcher: saved for a signed-in user, a cookie for anyone
+    (so the sign-in page can be read in Georgian before signing in)."""
+    form = LanguageForm(request.POST)
+    response = redirect(_next_url(request))
+    if not form.is_valid():
+        return response
+    language = form.cleaned_data["language"]
+    if request.user.is_authenticated:
+        preferences.preference_remember(
+            request, preferences.preference_update(user=request.user, language=language)
+        )
+    translation.activate(language)
+    preferences.language_cookie_set(response, language)
+    return response
+
+
+def preference_edit(request: HttpRequest) -> HttpResponse:
+    """Language and display time zone of the signed-in user (any role, their own only)."""
+    current = preferences.preference_get(request.user)
+    saved_zone = getattr(getattr(request.user, "preference", None), "time_zone", "")
+    if request.method == "POST":
+        form = PreferenceForm(request.POST)
+        if form.is_valid():
+            chosen = preferences.preference_update(
+                user=request.user,
+                language=form.cleaned_data["language"],
+                time_zone=form.cleaned_data["time_zone"],
+            )
+            preferences.preference_remember(request, chosen)
+            translation.activate(chosen.language)
+            messages.success(request, _("Preferences saved."))
+            response = redirect("preference_edit")
+            preferences.language_cookie_set(response, chosen.language)
+            return response
+    else:
+        form = PreferenceForm(initial={"language": current.language, "time_zone": saved_zone})
+    return render(
+        request,
+        "billing_ops/preferences.html",
+        {
+            "form": form,
+            "current": current,
+            "default_time_zone": settings.TIME_ZONE,
+            "schedule_time_zone": settings.CELERY_TIMEZONE,
+        },
+    )
 
 
 @login_not_required

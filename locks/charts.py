@@ -14,6 +14,9 @@ from datetime import datetime
 from django.utils import timezone
 from django.utils.html import escape
 from django.utils.safestring import SafeString, mark_safe
+from django.utils.translation import gettext as _
+
+from billing_ops.formats import grouped
 
 DEFAULT_WIDTH_PX = 600
 DEFAULT_HEIGHT_PX = 160
@@ -56,17 +59,18 @@ def stuck_locks_svg(
     bottom = MARGIN_TOP_PX + plot_h
     text = f'font-size="{FONT_SIZE_PX}" font-family="sans-serif" fill="#555"'
     if not series:
-        title = "Stuck locks over time: no snapshots yet"
+        title = _("Stuck locks over time: no snapshots yet")
         body = (
             f'<text x="{width / 2:.1f}" y="{height / 2:.1f}" text-anchor="middle" {text}>'
-            f"{escape('No snapshots yet')}</text>"
+            + escape(_("No snapshots yet"))
+            + "</text>"
         )
         return _svg(width, height, title, body)
 
     series = _thin(sorted(series), plot_w)
     first_at, last_at = series[0][0], series[-1][0]
     span_s = (last_at - first_at).total_seconds()
-    top_value = max(value for _, value in series)
+    top_value = max(value for _at, value in series)
     scale_value = top_value or 1  # all zero: a flat line on the axis
 
     def x(at: datetime) -> float:
@@ -89,7 +93,7 @@ def stuck_locks_svg(
     if top_value:  # an all-zero series has no maximum worth a second label
         parts.append(
             f'<text x="{MARGIN_LEFT_PX - 4}" y="{MARGIN_TOP_PX + FONT_SIZE_PX}" text-anchor="end" {text}>'
-            f"{escape(f'{top_value:,}')}</text>"
+            f"{escape(grouped(top_value))}</text>"
         )
     if len(points) > 1:
         area = f"{points[0][0]:.1f},{bottom} {line} {points[-1][0]:.1f},{bottom}"
@@ -111,12 +115,15 @@ def stuck_locks_svg(
             f'<text x="{points[-1][0]:.1f}" y="{time_y}" text-anchor="middle" {text}>'
             f"{escape(_label_time(last_at))}</text>"
         )
-    tooltip = f"{latest:,} stuck locks at {_label_time(latest_at)}"
+    tooltip = _("%(n)s stuck locks at %(at)s") % {"n": grouped(latest), "at": _label_time(latest_at)}
     parts.append(
         f'<circle class="stuck-chart-latest" cx="{points[-1][0]:.1f}" cy="{points[-1][1]:.1f}" '
         f'r="{DOT_RADIUS_PX}" fill="#c0392b"><title>{escape(tooltip)}</title></circle>'
     )
-    title = f"Stuck locks over time: {latest:,} now, at most {top_value:,}"
+    title = _("Stuck locks over time: %(n)s now, at most %(top)s") % {
+        "n": grouped(latest),
+        "top": grouped(top_value),
+    }
     return _svg(width, height, title, "".join(parts))
 
 

@@ -29,7 +29,8 @@ Three renderings of the same structure:
   the rows with a ``billing_run_id``. Text cells that a spreadsheet would run as a
   formula (leading ``= + - @``, tab or CR) are prefixed with ``'``: billing numbers and
   entity types come from the billing platform, not from us.
-- Markdown: the seed report's sections (summary table, detailed findings with each
+- Markdown (its headings in the reader's language; the machine-readable JSON and CSV keys
+  stay English): the seed report's sections (summary table, detailed findings with each
   environment's stuck runs, the query used, observations, recommendations), written from
   the live figures. Observations about ``make_billing_run_real`` and the billing_id index
   need figures that the JSON contract has no place for; ``lock_report`` returns a
@@ -48,6 +49,8 @@ from typing import Any
 
 from django.conf import settings
 from django.utils import timezone
+from django.utils.translation import gettext as _
+from django.utils.translation import gettext_lazy
 
 from billing_ops.environments import Environment
 from billing_ops.exports import csv_cell
@@ -61,7 +64,7 @@ from locks.selectors import (
     stuck_runs,
 )
 
-REPORT_TITLE = "Billing Run Lock Analysis - All Environments"
+REPORT_TITLE = gettext_lazy("Billing Run Lock Analysis - All Environments")
 # The stuck-runs table per environment in the markdown; the JSON and CSV list every run.
 MARKDOWN_RUNS_PER_ENVIRONMENT = 50
 # The seed query aggregates entity types with this separator (STRING_AGG in STUCK_RUNS_SQL).
@@ -229,6 +232,10 @@ def render_markdown(report: dict[str, Any], *, generated_at: datetime) -> str:
     return "\n\n".join(sections) + "\n"
 
 
+def _md_row(cells: list[str]) -> str:
+    return "| " + " | ".join(md_escape(cell) for cell in cells) + " |"
+
+
 def md_escape(value: Any) -> str:
     """Text safe inside a markdown table cell or a line: no cell breaks, no markup."""
     text = "" if value is None else str(value)
@@ -268,12 +275,20 @@ def _md_header(envs: list[dict[str, Any]], generated_at: datetime) -> str:
     lines = [
         f"# {REPORT_TITLE}",
         "",
-        f"**Date:** {generated_at:%Y-%m-%d %H:%M %Z}  ",
-        "**Analysis:** Find all billing runs with status COMPLETED that still have locked objects  ",
-        f"**Environments Analyzed:** {_labels(reachable) or 'none'}" + ("  " if unreachable else ""),
+        "**" + _("Date:") + f"** {generated_at:%Y-%m-%d %H:%M %Z}  ",
+        "**"
+        + _("Analysis:")
+        + "** "
+        + _("Find all billing runs with status COMPLETED that still have locked objects")
+        + "  ",
+        "**"
+        + _("Environments Analyzed:")
+        + "** "
+        + (_labels(reachable) or _("none"))
+        + ("  " if unreachable else ""),
     ]
     if unreachable:
-        lines.append(f"**Environments Unreachable:** {_labels(unreachable)}")
+        lines.append("**" + _("Environments Unreachable:") + "** " + _labels(unreachable))
     return "\n".join(lines)
 
 
@@ -302,7 +317,7 @@ def _md_executive_summary(envs: list[dict[str, Any]]) -> str:
             "✅ **RESULT:** No billing runs with status COMPLETED that have locked objects were found "
             "in any environment."
         )
-    lines = ["## Executive Summary", "", result]
+    lines = ["## " + _("Executive Summary"), "", result]
     if unreachable:
         lines += [
             "",
@@ -314,12 +329,20 @@ def _md_executive_summary(envs: list[dict[str, Any]]) -> str:
 
 def _md_results(envs: list[dict[str, Any]]) -> str:
     lines = [
-        "## Database Analysis Results",
+        "## " + _("Database Analysis Results"),
         "",
-        "### Environment Summary",
+        "### " + _("Environment Summary"),
         "",
-        "| Environment | Host | Total Billing Runs | COMPLETED Billing Runs | COMPLETED with Locks "
-        "| Total Locks |",
+        _md_row(
+            [
+                _("Environment"),
+                _("Host"),
+                _("Total Billing Runs"),
+                _("COMPLETED Billing Runs"),
+                _("COMPLETED with Locks"),
+                _("Total Locks"),
+            ]
+        ),
         "|-------------|------|-------------------|----------------------|---------------------"
         "|-------------|",
     ]
@@ -329,14 +352,18 @@ def _md_results(envs: list[dict[str, Any]]) -> str:
             _n(env[key]) for key in ("total_runs", "completed_runs", "completed_with_locks", "total_locks")
         )
         lines.append(f"| {name} | {md_escape(env['host'])} | {figures} |")
-    lines += ["", "### Detailed Findings"]
+    lines += ["", "### " + _("Detailed Findings")]
     for env in envs:
         lines += ["", *_md_findings(env)]
     return "\n".join(lines)
 
 
 def _md_findings(env: dict[str, Any]) -> list[str]:
-    lines = [f"#### {md_escape(env['label'])} Environment ({md_escape(env['host'])})"]
+    lines = [
+        "#### "
+        + _("%(env)s Environment (%(host)s)")
+        % {"env": md_escape(env["label"]), "host": md_escape(env["host"])}
+    ]
     if not env["reachable"]:
         return [
             *lines,
@@ -362,8 +389,18 @@ def _md_findings(env: dict[str, Any]) -> list[str]:
         return [*lines, "", "No COMPLETED billing run holds locks."]
     lines += [
         "",
-        "| Run ID | Billing Number | Status | Process Stage | Created | Modified | Locks "
-        "| Locked Entity Types |",
+        _md_row(
+            [
+                _("Run ID"),
+                _("Billing Number"),
+                _("Status"),
+                _("Process Stage"),
+                _("Created"),
+                _("Modified"),
+                _("Locks"),
+                _("Locked Entity Types"),
+            ]
+        ),
         "|---|---|---|---|---|---|---|---|",
     ]
     for run in runs[:MARKDOWN_RUNS_PER_ENVIRONMENT]:
@@ -390,13 +427,13 @@ def _md_findings(env: dict[str, Any]) -> list[str]:
 
 
 def _md_query() -> str:
-    return "\n".join(["## Query Used", "", "```sql", STUCK_RUNS_SQL.strip(), "```"])
+    return "\n".join(["## " + _("Query Used"), "", "```sql", STUCK_RUNS_SQL.strip(), "```"])
 
 
 def _md_schema() -> str:
     return "\n".join(
         [
-            "## Database Schema Information",
+            "## " + _("Database Schema Information"),
             "",
             "- **Billing runs table:** `billing.billings`",
             "- **Locks table:** `lock.locks`",
@@ -469,7 +506,7 @@ def _md_observations(envs: list[dict[str, Any]], figures: dict[str, LockFigures]
         warnings = _observation_per_env(known, lambda env: _warning_observation(figures[env["key"]]))
         if warnings:
             items.append("**Other Warning Signs:**" + _sub(warnings))
-    return _md_numbered("## Observations", items)
+    return _md_numbered("## " + _("Observations"), items)
 
 
 def _holding_observation(env: dict[str, Any]) -> str | None:
@@ -547,7 +584,7 @@ def _md_recommendations(envs: list[dict[str, Any]], figures: dict[str, LockFigur
     leaking = [
         env for env in envs if env["key"] in figures and not figures[env["key"]].procedure.deletes_locks
     ]
-    parts = ["## Recommendations"]
+    parts = ["## " + _("Recommendations")]
     number = 0
 
     def add(title: str, lines: list[str]) -> None:
@@ -558,7 +595,7 @@ def _md_recommendations(envs: list[dict[str, Any]], figures: dict[str, LockFigur
     if holding:
         runs = sum(len(env["stuck_runs"]) for env in holding)
         add(
-            "Release the Stuck Locks",
+            _("Release the Stuck Locks"),
             [
                 f"Release the locks of the {_plural(runs, 'COMPLETED run')} listed above "
                 f"({_labels(holding)}), after confirming that each run has really finished",
@@ -566,7 +603,7 @@ def _md_recommendations(envs: list[dict[str, Any]], figures: dict[str, LockFigur
         )
     if leaking:
         add(
-            "Fix the Lock Release",
+            _("Fix the Lock Release"),
             [
                 f"In {_labels(leaking)}: `billing_run.make_billing_run_real` must run "
                 "`DELETE FROM lock.locks WHERE billing_id = :id` (check its body with `pg_get_functiondef`)",
@@ -575,19 +612,19 @@ def _md_recommendations(envs: list[dict[str, Any]], figures: dict[str, LockFigur
         )
     if unreachable:
         add(
-            "Restore Access",
+            _("Restore Access"),
             [f"Check the connection to {_labels(unreachable)} and run this report again"],
         )
     if empty:
         add(
-            "Verify Database Instances",
+            _("Verify Database Instances"),
             [
                 f"Confirm that {_labels(empty)} point to the expected database instances",
                 "Check if there are multiple database instances or schemas",
             ],
         )
     add(
-        "Monitor for Future Issues",
+        _("Monitor for Future Issues"),
         [
             "Alert on COMPLETED billing runs with locks (`billing_ops_stuck_locks > 0` on /metrics)",
             "Regular cleanup of orphaned locks",
@@ -613,13 +650,15 @@ def _md_conclusion(envs: list[dict[str, Any]], generated_at: datetime) -> str:
         status = "No active issue found. No COMPLETED billing run holds locks in any environment."
     return "\n".join(
         [
-            "## Conclusion",
+            "## " + _("Conclusion"),
             "",
-            f"**Status:** {status}",
+            "**" + _("Status:") + f"** {status}",
             "",
             "---",
             "",
-            f"*Generated by Billing Ops on {generated_at:%Y-%m-%d %H:%M %Z}*  ",
-            f"*Environments: {_labels(envs)}*",
+            "*"
+            + _("Generated by Billing Ops on %(at)s") % {"at": f"{generated_at:%Y-%m-%d %H:%M %Z}"}
+            + "*  ",
+            "*" + _("Environments: %(labels)s") % {"labels": _labels(envs)} + "*",
         ]
     )

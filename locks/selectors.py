@@ -27,8 +27,10 @@ from zoneinfo import ZoneInfo
 from django.conf import settings
 from django.db import connections
 from django.utils import timezone
+from django.utils.translation import gettext as _
 
 from billing_ops.environments import Environment, environment_connect
+from billing_ops.formats import grouped
 from billing_ops.selectors import billing_status_labels
 
 COMPLETED = "COMPLETED"
@@ -114,8 +116,8 @@ class ProcedureHealth:
     @property
     def verdict(self) -> str:
         if not self.exists:
-            return "missing"
-        return "deletes locks" if self.deletes_locks else "does not delete locks"
+            return _("missing")
+        return _("deletes locks") if self.deletes_locks else _("does not delete locks")
 
 
 def procedure_health_from(cursor: Any) -> ProcedureHealth:
@@ -271,31 +273,38 @@ def verdict_for(figures: LockFigures | None, error: str = "") -> Verdict:
     """Red: unreachable, or finished runs still hold locks. Amber: something that will
     leak locks or may already be stuck. Green: nothing to do."""
     if figures is None:
-        return Verdict(RED, [f"unreachable: {error}" if error else "unreachable"])
+        return Verdict(RED, [_("unreachable: %(error)s") % {"error": error} if error else _("unreachable")])
     red: list[str] = []
     amber: list[str] = []
     if figures.completed_with_locks:
         red.append(
-            f"{figures.completed_with_locks:,} COMPLETED run(s) still hold {figures.stuck_locks:,} lock(s)"
+            _("%(runs)s COMPLETED run(s) still hold %(locks)s lock(s)")
+            % {"runs": grouped(figures.completed_with_locks), "locks": grouped(figures.stuck_locks)}
         )
     if figures.stale_runs:
         amber.append(
-            f"{figures.stale_runs:,} IN_PROGRESS_ACCOUNTING run(s) unchanged for over "
-            f"{settings.STALE_RUN_AFTER_MIN} min"
+            _("%(runs)s IN_PROGRESS_ACCOUNTING run(s) unchanged for over %(min)s min")
+            % {"runs": grouped(figures.stale_runs), "min": settings.STALE_RUN_AFTER_MIN}
         )
     if figures.error_path_runs_with_locks:
-        amber.append(f"{figures.error_path_runs_with_locks:,} run(s) on the error path still hold locks")
+        amber.append(
+            _("%(runs)s run(s) on the error path still hold locks")
+            % {"runs": grouped(figures.error_path_runs_with_locks)}
+        )
     if figures.unreal_completed_runs:
-        amber.append(f"{figures.unreal_completed_runs:,} COMPLETED run(s) never left stage DRAFT")
+        amber.append(
+            _("%(runs)s COMPLETED run(s) never left stage DRAFT")
+            % {"runs": grouped(figures.unreal_completed_runs)}
+        )
     if not figures.procedure.exists:
-        amber.append("billing_run.make_billing_run_real is missing")
+        amber.append(_("billing_run.make_billing_run_real is missing"))
     elif not figures.procedure.deletes_locks:
-        amber.append("make_billing_run_real does not delete the run's locks")
+        amber.append(_("make_billing_run_real does not delete the run's locks"))
     if red:
         return Verdict(RED, red + amber)
     if amber:
         return Verdict(AMBER, amber)
-    return Verdict(GREEN, ["no finished run holds locks"])
+    return Verdict(GREEN, [_("no finished run holds locks")])
 
 
 @dataclass(frozen=True)
@@ -512,14 +521,14 @@ def run_problem(env: Environment, run: Any, lock_count: int) -> str:
     if not lock_count:
         return ""
     if status == COMPLETED:
-        return "COMPLETED but still holds locks"
+        return _("COMPLETED but still holds locks")
     if status == IN_PROGRESS_ACCOUNTING:
         modified = aware(env, run.modify_date)
         if modified and timezone.now() - modified > timedelta(minutes=settings.STALE_RUN_AFTER_MIN):
-            return "IN_PROGRESS_ACCOUNTING but unchanged for too long: its thread likely died"
+            return _("IN_PROGRESS_ACCOUNTING but unchanged for too long: its thread likely died")
         return ""
     if status == ERROR_PATH_STATUS or FAILURE_LABEL_RE.search(status):
-        return "accounting failed and the error path released no locks"
+        return _("accounting failed and the error path released no locks")
     return ""
 
 

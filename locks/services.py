@@ -31,11 +31,14 @@ from django.core.exceptions import ValidationError
 from django.db import connection, transaction
 from django.utils import timezone
 from django.utils.translation import gettext as _
+from django.utils.translation import ngettext
 
 from audit.services import audit_record
 from billing_ops import access
 from billing_ops.environments import Environment, UnknownEnvironment, all_environments, get_environment
+from billing_ops.formats import grouped
 from billing_ops.notifications import notify
+from billing_ops.preferences import deployment_language
 from billing_ops.selectors import describe_error, run_per_environment
 from billing_ops.services import Actor
 from locks.models import (
@@ -126,13 +129,15 @@ class AlertEvent:
     event: str  # opened, updated, escalated, resolved
 
 
-def _plural(n: int, one: str, many: str) -> str:
-    return one if n == 1 else many
+def _locks_text(n: int) -> str:
+    return ngettext("%(n)s lock", "%(n)s locks", n) % {"n": grouped(n)}
 
 
 def _age_text(age: timedelta) -> str:
     hours = age.total_seconds() / 3600
-    return f"{int(hours // 24)} days" if hours >= 48 else f"{int(hours)} h"
+    if hours >= 48:
+        return _("%(days)s days") % {"days": int(hours // 24)}
+    return _("%(hours)s h") % {"hours": int(hours)}
 
 
 def _figures_json(snapshot: LockSnapshot) -> dict[str, Any]:
@@ -171,14 +176,19 @@ def _completed_with_locks_finding(
         age = snapshot.taken_at - snapshot.oldest_stuck_lock_at
         if age > _critical_age():
             reasons.append(
-                f"the oldest stuck lock is {_age_text(age)} old (more than {settings.ALERT_CRITICAL_AGE_H} h)"
+                _("the oldest stuck lock is %(age)s old (more than %(limit)s h)")
+                % {"age": _age_text(age), "limit": settings.ALERT_CRITICAL_AGE_H}
             )
     if stuck_locks > settings.ALERT_CRITICAL_LOCKS:
-        reasons.append(f"{stuck_locks:,} stuck locks (more than {settings.ALERT_CRITICAL_LOCKS:,})")
-    summary = (
-        f"{env.label}: {n:,} COMPLETED {_plural(n, 'run still holds', 'runs still hold')} "
-        f"{stuck_locks:,} {_plural(stuck_locks, 'lock', 'locks')}"
-    )
+        reasons.append(
+            _("%(n)s stuck locks (more than %(limit)s)")
+            % {"n": grouped(stuck_locks), "limit": grouped(settings.ALERT_CRITICAL_LOCKS)}
+        )
+    summary = ngettext(
+        "%(env)s: %(n)s COMPLETED run still holds %(locks)s",
+        "%(env)s: %(n)s COMPLETED runs still hold %(locks)s",
+        n,
+    ) % {"env": env.label, "n": grouped(n), "locks": _locks_text(stuck_locks)}
     return Finding(
         env,
         kind,
@@ -203,12 +213,16 @@ def _stale_runs_finding(
     age = snapshot.taken_at - min(dates) if dates else None
     if age is not None and age > _critical_age():
         limit_h = settings.ALERT_CRITICAL_AGE_H
-        reasons.append(f"the oldest has been unchanged for {_age_text(age)} (more than {limit_h} h)")
+        reasons.append(
+            _("the oldest has been unchanged for %(age)s (more than %(limit)s h)")
+            % {"age": _age_text(age), "limit": limit_h}
+        )
     locks = snapshot.stale_runs_locks or 0
-    summary = (
-        f"{env.label}: {n:,} IN_PROGRESS_ACCOUNTING {_plural(n, 'run', 'runs')} unchanged for over "
-        f"{settings.STALE_RUN_AFTER_MIN} min, holding {locks:,} {_plural(locks, 'lock', 'locks')}"
-    )
+    summary = ngettext(
+        "%(env)s: %(n)s IN_PROGRESS_ACCOUNTING run unchanged for over %(min)s min, holding %(locks)s",
+        "%(env)s: %(n)s IN_PROGRESS_ACCOUNTING runs unchanged for over %(min)s min, holding %(locks)s",
+        n,
+    ) % {"env": env.label, "n": grouped(n), "min": settings.STALE_RUN_AFTER_MIN, "locks": _locks_text(locks)}
     return Finding(
         env,
         kind,
@@ -290,10 +304,12 @@ def alert_findings(observations: Iterable[LockSnapshot | EnvironmentStatus]) -> 
         snapshots[snapshot.environment] = snapshot
     lists = _run_lists(snapshots, envs)
     findings = []
-    for key, snapshot in snapshots.items():
-        env_lists = lists.get(key, {})
-        findings.append(_completed_with_locks_finding(envs[key], snapshot, env_lists.get("stuck")))
-        findings.append(_stale_runs_finding(envs[key], snapshot, env_lists.get("stale")))
+    # Summaries are stored with the alert and shown to every reader: the deployment's language.
+    with deployment_language():
+        for key, snapshot in snapshots.items():
+            env_lists = lists.get(key, {})
+            findings.append(_completed_with_locks_finding(envs[key], snapshot, env_lists.get("stuck")))
+            findings.append(_stale_runs_finding(envs[key], snapshot, env_lists.get("stale")))
     return findings
 
 
@@ -377,25 +393,40 @@ def _alert_follow(finding: Finding) -> AlertEvent | None:
     return AlertEvent(alert, "updated")
 
 
-NOTIFY_PREFIX = {
-    "opened": "{severity}",
-    "escalated": "ESCALATED to CRITICAL",
-    "resolved": "RESOLVED",
-}
-RESOLVED_TEXT = {
-    AlertKind.COMPLETED_WITH_LOCKS: "No COMPLETED run holds locks any more.",
-    AlertKind.STALE_RUNS: "No IN_PROGRESS_ACCOUNTING run is stale any more.",
-    AlertKind.AUDIT_CHAIN_BROKEN: "A later verification found the audit chain intact.",
-}
+def _notify_prefix(event: str, severity: str) -> str:
+    if event == "escalated":
+        return _("ESCALATED to CRITICAL")
+    if event == "resolved":
+        return _("RESOLVED")
+    return severity.upper()  # WARNING / CRITICAL, as the alert's severity reads in the data
+
+
+def _resolved_text(kind: AlertKind) -> str:
+    return {
+        AlertKind.COMPLETED_WITH_LOCKS: _("No COMPLETED run holds locks any more."),
+        AlertKind.STALE_RUNS: _("No IN_PROGRESS_ACCOUNTING run is stale any more."),
+        AlertKind.AUDIT_CHAIN_BROKEN: _("A later verification found the audit chain intact."),
+    }[kind]
+
+
 # Damaged audit entries a chain alert's notification lists (the job page has them all).
 ALERT_DAMAGES_LISTED = 10
 
 
 def _alert_notify(alert: Alert, event: str) -> None:
-    prefix = NOTIFY_PREFIX[event].format(severity=alert.severity.upper())
-    subject = f"[Billing Ops] {prefix}: {alert.summary}"
+    """Compose the notice in the deployment's language (LANGUAGE_CODE): it has no reader at hand."""
+    with deployment_language():
+        subject, body = _alert_notice(alert, event)
+    notify(subject=subject, body=body, source=f"alert:{alert.pk}")
+
+
+def _alert_notice(alert: Alert, event: str) -> tuple[str, str]:
+    subject = _("[Billing Ops] %(prefix)s: %(summary)s") % {
+        "prefix": _notify_prefix(event, alert.severity),
+        "summary": alert.summary,
+    }
     if not alert.environment:
-        where = "the dashboard's own audit trail (its default database)"
+        where = _("the dashboard's own audit trail (its default database)")
     else:
         try:
             host = get_environment(alert.environment).host
@@ -405,26 +436,48 @@ def _alert_notify(alert: Alert, event: str) -> None:
     details = alert.details
     lines = [alert.summary, ""]
     if event == "resolved":
-        lines.append(f"{RESOLVED_TEXT[AlertKind(alert.kind)]} Resolved at {_when(alert.resolved_at)}.")
+        lines.append(
+            _("%(text)s Resolved at %(at)s.")
+            % {"text": _resolved_text(AlertKind(alert.kind)), "at": _when(alert.resolved_at)}
+        )
     else:
         reasons = details.get("severity_reasons") or []
-        lines.append(f"Severity: {alert.severity}" + (f" ({'; '.join(reasons)})" if reasons else ""))
+        severity = _("Severity: %(severity)s") % {"severity": alert.severity}
+        lines.append(severity + (f" ({'; '.join(reasons)})" if reasons else ""))
     lines += [
-        f"Environment: {where}",
-        f"Alert #{alert.pk}, opened {_when(alert.opened_at)}.",
+        _("Environment: %(env)s") % {"env": where},
+        _("Alert #%(id)s, opened %(at)s.") % {"id": alert.pk, "at": _when(alert.opened_at)},
     ]
     runs = details.get("runs") or []
     if runs and event != "resolved":
-        lines += ["", f"Runs, most locks first ({len(runs)} of {details.get('runs_total')}):"]
-        lines += [f"  {r['number']} (id {r['id']}): {r['lock_count']:,} locks" for r in runs]
+        lines += _listed(
+            _("Runs, most locks first (%(shown)s of %(total)s):")
+            % {"shown": len(runs), "total": details.get("runs_total")},
+            [
+                _("%(number)s (id %(id)s): %(locks)s")
+                % {"number": r["number"], "id": r["id"], "locks": _locks_text(r["lock_count"])}
+                for r in runs
+            ],
+        )
     damages = details.get("damages") or []
     if damages and event != "resolved":
         shown = damages[:ALERT_DAMAGES_LISTED]
-        lines += ["", f"Damaged entries ({len(shown)} of {details.get('damaged_entries')}):"]
-        lines += [f"  entry #{d['entry_id']}: {d['kind']} - {d['detail']}" for d in shown]
+        lines += _listed(
+            _("Damaged entries (%(shown)s of %(total)s):")
+            % {"shown": len(shown), "total": details.get("damaged_entries")},
+            [
+                _("entry #%(id)s: %(kind)s - %(detail)s")
+                % {"id": d["entry_id"], "kind": d["kind"], "detail": d["detail"]}
+                for d in shown
+            ],
+        )
     if details.get("job_id"):
-        lines.append(f"Found by job #{details['job_id']}.")
-    notify(subject=subject, body="\n".join(lines), source=f"alert:{alert.pk}")
+        lines.append(_("Found by job #%(id)s.") % {"id": details["job_id"]})
+    return subject, "\n".join(lines)
+
+
+def _listed(heading: str, items: list[str]) -> list[str]:
+    return ["", heading, *[f"  {item}" for item in items]]
 
 
 def _when(value: datetime | None) -> str:

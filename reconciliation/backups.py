@@ -448,7 +448,8 @@ def counted_table_names() -> list[str]:
 
 def row_counts_text(counts: dict[str, int | None]) -> str:
     """ "billing.billings 300, lock.locks 1,378, ..." for logs and messages."""
-    return ", ".join(f"{name} {_('absent') if n is None else f'{n:,}'}" for name, n in counts.items())
+    absent = _("absent")
+    return ", ".join(f"{name} {absent if n is None else f'{n:,}'}" for name, n in counts.items())
 
 
 def _tables_present(conn: Any) -> list[tuple[str, str]]:

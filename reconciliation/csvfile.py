@@ -33,6 +33,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from django.utils.translation import gettext as _
+from django.utils.translation import gettext_lazy
+
+from billing_ops.formats import grouped
+
 REQUIRED_COLUMNS = ("invoice_id", "unit_id", "line_type", "description", "quantity", "amount")
 TEXT_LIMITS = {"invoice_id": 200, "unit_id": 200, "line_type": 100, "description": 2000}
 # A header longer than this is not a header of this contract (a million columns, one huge field).
@@ -75,9 +80,9 @@ class CsvError(ValueError):
         self.file, self.line, self.column, self.problem = file, line, column, message
         where = file
         if line is not None:
-            where += f", line {line}"
+            where += _(", line %(n)s") % {"n": line}
         if column is not None:
-            where += f", column {column}"
+            where += _(", column %(name)s") % {"name": column}
         super().__init__(f"{where}: {message}")
 
 
@@ -154,14 +159,14 @@ def read_header(path: Path, *, name: str | None = None, max_bytes: int | None = 
 
 _CONTEXT = re.compile(r"COPY \S+, line (?P<line>\d+)(?:, column (?P<column>\w+))?")
 _CONSTRAINT_MESSAGES = {
-    "invoice_id_empty": ("invoice_id", "is empty"),
-    "unit_id_empty": ("unit_id", "is empty"),
-    "line_type_empty": ("line_type", "is empty"),
-    "description_empty": ("description", "is empty"),
-    "quantity_negative": ("quantity", "is negative"),
-    "amount_negative": ("amount", "is negative"),
-    "quantity_nan": ("quantity", "is not a number"),
-    "amount_nan": ("amount", "is not a number"),
+    "invoice_id_empty": ("invoice_id", gettext_lazy("is empty")),
+    "unit_id_empty": ("unit_id", gettext_lazy("is empty")),
+    "line_type_empty": ("line_type", gettext_lazy("is empty")),
+    "description_empty": ("description", gettext_lazy("is empty")),
+    "quantity_negative": ("quantity", gettext_lazy("is negative")),
+    "amount_negative": ("amount", gettext_lazy("is negative")),
+    "quantity_nan": ("quantity", gettext_lazy("is not a number")),
+    "amount_nan": ("amount", gettext_lazy("is not a number")),
 }
 
 
@@ -172,7 +177,7 @@ def record_line(path: Path, header: CsvHeader, record: int) -> int:
         text = io.TextIOWrapper(raw, encoding="utf-8", errors="surrogateescape", newline="")
         reader = csv.reader(text)
         line = 1  # the header's
-        for _ in range(record - 1):
+        for _skipped in range(record - 1):
             try:
                 next(reader)
             except (StopIteration, csv.Error):
@@ -198,17 +203,18 @@ def copy_error(exc: Exception, *, path: Path, header: CsvHeader, file: str) -> C
     message = (exc.diag.message_primary or str(exc)).strip()
     constraint = exc.diag.constraint_name
     if constraint in _CONSTRAINT_MESSAGES:
-        column, message = _CONSTRAINT_MESSAGES[constraint]
+        column, lazy_message = _CONSTRAINT_MESSAGES[constraint]
+        message = str(lazy_message)
     elif isinstance(exc, psycopg.errors.NotNullViolation):
-        message = "is missing (empty)"
+        message = _("is missing (empty)")
     elif isinstance(exc, psycopg.errors.StringDataRightTruncation) and column in TEXT_LIMITS:
-        message = f"is longer than {TEXT_LIMITS[column]:,} characters"
+        message = _("is longer than %(n)s characters") % {"n": grouped(TEXT_LIMITS[column])}
     elif isinstance(exc, psycopg.errors.NumericValueOutOfRange):
-        message = (
-            "is too large for the column (" + ("18, 6" if column == "quantity" else "18, 2") + " digits)"
-        )
+        message = _("is too large for the column (%(digits)s digits)") % {
+            "digits": "18, 6" if column == "quantity" else "18, 2"
+        }
     elif isinstance(exc, psycopg.errors.InvalidTextRepresentation):
-        message = f"is not a plain decimal number ({message})"
+        message = _("is not a plain decimal number (%(detail)s)") % {"detail": message}
     elif isinstance(exc, psycopg.errors.CharacterNotInRepertoire):
-        message = f"is not valid UTF-8 ({message})"
+        message = _("is not valid UTF-8 (%(detail)s)") % {"detail": message}
     return CsvError(message, file=file, line=line, column=column)

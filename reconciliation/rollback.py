@@ -568,23 +568,26 @@ def _notify(
     env: Environment, job_id: int, outcome: RollbackOutcome, *, reason: str, requester: str, approver: str
 ) -> None:
     """Runbook §6.3: the ops channel's line, and the email to the product owner and finance."""
+    values = {"env": env.label, "run": outcome.run_id, "reason": reason}
     body = "\n".join(
         [
-            "Billing reconciliation rolled back.",
+            _("Billing reconciliation rolled back."),
             "",
-            f"Environment: {env.label}",
-            f"Run: {outcome.run_id}",
-            f"Reason: {reason}",
-            f"Inserted lines deleted: {outcome.deleted}",
-            f"Updated lines restored to their previous values: {outcome.restored}",
-            f"Lines skipped (changed or deleted since the run, left as they are): {outcome.skipped}",
-            f"Requested by {requester}, approved by {approver} (job #{job_id}).",
+            _("Environment: %(env)s") % values,
+            _("Run: %(run)s") % values,
+            _("Reason: %(reason)s") % values,
+            _("Inserted lines deleted: %(n)s") % {"n": outcome.deleted},
+            _("Updated lines restored to their previous values: %(n)s") % {"n": outcome.restored},
+            _("Lines skipped (changed or deleted since the run, left as they are): %(n)s")
+            % {"n": outcome.skipped},
+            _("Requested by %(who)s, approved by %(approver)s (job #%(id)s).")
+            % {"who": requester, "approver": approver, "id": job_id},
         ]
     )
     notify_stakeholders(
-        email_subject=f"Billing reconciliation rolled back: run {outcome.run_id} ({env.label})",
+        email_subject=_("Billing reconciliation rolled back: run %(run)s (%(env)s)") % values,
         email_body=body,
-        ops_text=f"🔴 Rollback executed for run {outcome.run_id}. Reason: {reason}",
+        ops_text=_("🔴 Rollback executed for run %(run)s. Reason: %(reason)s") % values,
         source=f"job:{job_id}",
     )
 

@@ -1,5 +1,6 @@
 """End to end in headless Chromium (Debian's, driven by Playwright): log in as an
-operator, queue an environment check, watch it succeed without reloading the page."""
+operator, queue an environment check, watch it succeed without reloading the page, then
+switch to Georgian (test-artifacts/overview-ka.png)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+from django.utils import translation
+from django.utils.translation import gettext
 
 from billing_ops.models import Job
 from tests.conftest import make_user
@@ -76,3 +79,16 @@ def test_an_operator_queues_an_environment_check_and_sees_it_succeed(
     assert page.url == job_url
     job = Job.objects.get()
     assert job.status == "succeeded" and job.requested_by.username == "op-browser"
+
+    # The header's switcher: the same page in Georgian, the run's status as the data has it.
+    page.click("[data-language-switcher] button[value=ka]")
+    expect(page.locator("html")).to_have_attribute("lang", "ka")
+    with translation.override("ka"):
+        heading_ka = gettext("Environment check")
+    assert heading_ka != "Environment check"
+    expect(page.locator("h1")).to_contain_text(heading_ka)
+    expect(page.locator("[data-status]")).to_have_attribute("data-status", "succeeded")
+    page.goto(f"{live_server.url}/")
+    expect(page.locator("html")).to_have_attribute("lang", "ka")
+    page.screenshot(path=str(ARTIFACTS / "overview-ka.png"), full_page=True)
+    assert job.requested_by.preference.language == "ka"

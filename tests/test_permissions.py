@@ -14,7 +14,7 @@ from django.test import Client
 from django.urls import URLPattern, URLResolver, get_resolver
 
 from billing_ops import services
-from billing_ops.models import Job, JobStatus
+from billing_ops.models import Job, JobStatus, UserPreference
 from tests.conftest import make_user
 from tests.test_restore import make_verified_backup
 
@@ -133,6 +133,15 @@ MATRIX: dict[str, tuple[str, dict[str, Any]]] = {
         "POST",
         {"anonymous": "login", "nobody": 403, "viewer": 403, "operator": 403, "approver": 302},
     ),
+    # Everyone's own language and time zone: any signed-in user; the language also before sign-in.
+    "preference_edit": (
+        "GET",
+        {"anonymous": "login", "nobody": 200, "viewer": 200, "operator": 200, "approver": 200},
+    ),
+    "language_set": (
+        "POST",
+        {"anonymous": 302, "nobody": 302, "viewer": 302, "operator": 302, "approver": 302},
+    ),
     "login": ("GET", {"anonymous": 200, "nobody": 302, "viewer": 302, "operator": 302, "approver": 302}),
     "logout": ("POST", {"anonymous": 302, "nobody": 302, "viewer": 302, "operator": 302, "approver": 302}),
     "healthz": (
@@ -237,6 +246,8 @@ def test_permission_matrix(
         data["confirmation"] = unprotected_env.label
     if name in ("job_approve", "job_refuse"):
         data = {"digest": job.params_digest, "comment": "ok"}
+    if name == "language_set":
+        data = {"language": "ka"}
     jobs_before = Job.objects.count()
     with django_capture_on_commit_callbacks(execute=False):
         response = client.get(url) if method == "GET" else client.post(url, data)
@@ -262,6 +273,9 @@ def test_permission_matrix(
         assert job.status == (JobStatus.REFUSED if allowed else JobStatus.AWAITING_APPROVAL)
     elif name == "job_cancel":
         assert job.status == (JobStatus.CANCELLED if allowed else JobStatus.AWAITING_APPROVAL)
+    elif name == "language_set":  # saved for a signed-in user; before sign-in only the cookie
+        assert UserPreference.objects.filter(language="ka").count() == (0 if role == "anonymous" else 1)
+        assert response.cookies[settings.LANGUAGE_COOKIE_NAME].value == "ka"
     else:
         assert Job.objects.count() == jobs_before
         assert job.status == JobStatus.AWAITING_APPROVAL
