@@ -468,3 +468,17 @@ def test_texts_stored_for_everyone_are_in_the_deployments_language(
         queued = translation.gettext("Environment check queued as job #%(id)s.") % {"id": job.pk}
     assert queued in response.content.decode()
     assert [line.message for line in job.log_lines.all()] == ["Requested by ka-operator."]
+
+
+def test_durations_are_written_in_the_active_language() -> None:
+    # Django's own ka catalogue lacks timesince's messages; ours carries them.
+    from datetime import timedelta
+
+    from django.utils import timezone, translation
+    from django.utils.timesince import timesince
+
+    then = timezone.now() - timedelta(days=400, minutes=5)
+    with translation.override("ka"):
+        assert timesince(then).replace("\xa0", " ") == "1 წელი, 1 თვე"
+    with translation.override("en"):
+        assert timesince(then).replace("\xa0", " ") == "1 year, 1 month"
