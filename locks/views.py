@@ -219,7 +219,9 @@ def lock_lookup(request: HttpRequest) -> HttpResponse:
     form = LockLookupForm(request.GET if "q" in request.GET else None)
     result = lookup.lock_lookup(form.cleaned_data["q"], all_environments()) if form.is_valid() else None
     return render(
-        request, "locks/lock_lookup.html", {"form": form, "result": result, "row_limit": lookup.LOCK_ROWS_LIMIT}
+        request,
+        "locks/lock_lookup.html",
+        {"form": form, "result": result, "row_limit": lookup.LOCK_ROWS_LIMIT},
     )
 
 

@@ -47,7 +47,9 @@ def held(unprotected_env, clean_environments):
     make_locks(env, 1620, 40, entity_type="customers", prefix="c")
     make_locks(env, 1620, 30, prefix="m")  # four entity types, system locks
     now = datetime.utcnow()
-    make_run(env, 1901, status="IN_PROGRESS_ACCOUNTING", created=now, modified=now, number="BILLING202611210001")
+    make_run(
+        env, 1901, status="IN_PROGRESS_ACCOUNTING", created=now, modified=now, number="BILLING202611210001"
+    )
     make_locks(env, 1901, 5, entity_type="vat-rates", prefix="v")
     make_locks(env, None, 3, system=False, entity_type="customers", prefix="u")
     return env
@@ -60,7 +62,9 @@ def page(client, query: str) -> str:
 
 
 def test_the_lock_key_format_is_learned_from_rows() -> None:
-    assert key_format_from([("4711", "customers:4711"), ("12", "customers:12")]) == KeyFormat("customers:", "")
+    assert key_format_from([("4711", "customers:4711"), ("12", "customers:12")]) == KeyFormat(
+        "customers:", ""
+    )
     assert key_format_from([("7", "LOCK/pod/7/v1"), ("8", "LOCK/pod/8/v1")]) == KeyFormat("LOCK/pod/", "/v1")
     assert key_format_from([("7", "a-7"), ("8", "b-8")]) is None  # rows disagree: no format
     assert key_format_from([("", "x")]) is None
@@ -83,7 +87,9 @@ def test_a_lock_key_matches_the_key_itself(held) -> None:
     assert found.locks[0].run is not None and found.locks[0].run.problem == ""  # running, not stuck
 
 
-@pytest.mark.parametrize(("query", "matched"), [("BILLING202512220055", "billing_number"), ("1620", "run_id")])
+@pytest.mark.parametrize(
+    ("query", "matched"), [("BILLING202512220055", "billing_number"), ("1620", "run_id")]
+)
 def test_a_billing_number_or_run_id_summarises_the_runs_locks(held, query, matched) -> None:
     found = lock_lookup_in(held, query)
     assert found.locks == []  # a run's locks are counted, not listed
@@ -151,7 +157,9 @@ def test_viewers_see_the_answer_but_no_release_action(held, client_for, viewer) 
     assert response.status_code == 403 and not LockReleasePlan.objects.exists()
 
 
-def test_every_environment_answers_and_an_unreachable_one_is_listed(held, client_for, viewer, extra_environment) -> None:
+def test_every_environment_answers_and_an_unreachable_one_is_listed(
+    held, client_for, viewer, extra_environment
+) -> None:
     extra_environment(
         "down", f"postgresql://nobody:secret-pw@127.0.0.1:{free_port_for_tests()}/phoenix", label="Down"
     )
@@ -170,7 +178,8 @@ def test_an_environment_without_a_learnable_format_is_scanned_by_entity_id(held,
     with connections[held.alias].cursor() as cursor:
         cursor.execute(
             "INSERT INTO lock.locks (id, lock_key, entity_type, entity_id, billing_id, system_lock)"
-            " VALUES ('w1', md5('w1'), 'meters', 'w1', 1620, true), ('w2', md5('w2'), 'meters', 'w2', 1620, true)"
+            " VALUES ('w1', md5('w1'), 'meters', 'w1', 1620, true),"
+            " ('w2', md5('w2'), 'meters', 'w2', 1620, true)"
         )
     found = lock_lookup_in(held, "w2")
     assert found.by_entity_id_scan and found.formats is not None and found.formats.unformatted == ["meters"]

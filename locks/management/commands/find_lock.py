@@ -23,7 +23,15 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from billing_ops.environments import Environment, UnknownEnvironment, all_environments, get_environment
-from locks.lookup import EnvironmentLookup, FoundLock, FoundRun, HoldingRun, LockLookup, lock_lookup, lookup_query_clean
+from locks.lookup import (
+    EnvironmentLookup,
+    FoundLock,
+    FoundRun,
+    HoldingRun,
+    LockLookup,
+    lock_lookup,
+    lookup_query_clean,
+)
 
 EXIT_FOUND, EXIT_NOT_FOUND, EXIT_USAGE, EXIT_INCOMPLETE = 0, 1, 2, 3
 FORMATS = ("text", "json")
@@ -33,7 +41,9 @@ class Command(BaseCommand):
     help = "Find the locks on an entity (id or lock key) or of a billing run, in every environment at once."
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument("query", metavar="QUERY", help="An entity id, lock key, billing number or run id.")
+        parser.add_argument(
+            "query", metavar="QUERY", help="An entity id, lock key, billing number or run id."
+        )
         parser.add_argument(
             "--env",
             action="append",
@@ -43,7 +53,9 @@ class Command(BaseCommand):
         )
         parser.add_argument("--format", choices=FORMATS, default="text", dest="output_format")
 
-    def handle(self, *args: Any, query: str, env_keys: list[str] | None, output_format: str, **options: Any) -> None:
+    def handle(
+        self, *args: Any, query: str, env_keys: list[str] | None, output_format: str, **options: Any
+    ) -> None:
         if not lookup_query_clean(query):
             raise CommandError("the query is empty, too long or holds a NUL character", returncode=EXIT_USAGE)
         result = lock_lookup(query, _environments(env_keys))
@@ -106,7 +118,8 @@ def _found_run_json(found: FoundRun) -> dict[str, Any]:
         "system_locks": found.system,
         "user_locks": found.user,
         "locks_by_entity_type": [
-            {"entity_type": g.entity_type, "system_lock": g.system_lock, "count": g.count} for g in found.groups
+            {"entity_type": g.entity_type, "system_lock": g.system_lock, "count": g.count}
+            for g in found.groups
         ],
     }
 
@@ -135,7 +148,9 @@ def lookup_json(result: LockLookup) -> dict[str, Any]:
 
 def _table(rows: list[list[str]]) -> list[str]:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    return [
+        "  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]
 
 
 def _release_hint(env: Environment, run: HoldingRun) -> str:
@@ -146,7 +161,9 @@ def lookup_text(result: LockLookup) -> str:
     lines: list[str] = []
     for e in result.environments:
         if not e.reachable:
-            lines.append(f"{e.env.label} ({e.env.key}): {'timed out' if e.timed_out else 'unreachable'}: {e.error}")
+            lines.append(
+                f"{e.env.label} ({e.env.key}): {'timed out' if e.timed_out else 'unreachable'}: {e.error}"
+            )
             continue
         if not e.found:
             lines.append(f"{e.env.label} ({e.env.key}): nothing found")
@@ -160,17 +177,35 @@ def lookup_text(result: LockLookup) -> str:
                 f"{found.total:,} locks ({found.system:,} system, {found.user:,} user)"
             )
             for g in found.groups:
-                lines.append(f"    {g.entity_type:<28} {'system' if g.system_lock else 'user':<6} {g.count:>10,}")
+                lines.append(
+                    f"    {g.entity_type:<28} {'system' if g.system_lock else 'user':<6} {g.count:>10,}"
+                )
             if run.stuck:
                 lines.append(f"    stuck: {run.problem}; release: {_release_hint(e.env, run)}")
         if e.locks:
             lines.append(f"  showing {len(e.locks)} of {e.lock_total:,} locks:")
-            rows = [["ENTITY TYPE", "ENTITY ID", "LOCK KEY", "LOCK", "CREATED", "HELD BY", "STATUS", "STAGE", "STUCK"]]
+            rows = [
+                [
+                    "ENTITY TYPE",
+                    "ENTITY ID",
+                    "LOCK KEY",
+                    "LOCK",
+                    "CREATED",
+                    "HELD BY",
+                    "STATUS",
+                    "STAGE",
+                    "STUCK",
+                ]
+            ]
             for lock in e.locks:
                 created = f"{lock.created:%Y-%m-%d %H:%M}" if lock.created else "-"
                 kind = "system" if lock.system_lock else "user"
                 if lock.run:
-                    held = [f"#{lock.run.id} {lock.run.billing_number}", lock.run.status, lock.run.process_stage]
+                    held = [
+                        f"#{lock.run.id} {lock.run.billing_number}",
+                        lock.run.status,
+                        lock.run.process_stage,
+                    ]
                     stuck = lock.run.problem or "no"
                 elif lock.billing_id is not None:
                     held, stuck = [f"#{lock.billing_id} (not in billing.billings)", "-", "-"], "-"
