@@ -22,7 +22,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from billing_ops.environments import Environment, UnknownEnvironment, all_environments, get_environment
+from billing_ops.environments import Environment, UnknownEnvironment, environments_named
 from locks.lookup import (
     EnvironmentLookup,
     FoundLock,
@@ -58,7 +58,11 @@ class Command(BaseCommand):
     ) -> None:
         if not lookup_query_clean(query):
             raise CommandError("the query is empty, too long or holds a NUL character", returncode=EXIT_USAGE)
-        result = lock_lookup(query, _environments(env_keys))
+        try:
+            envs = environments_named(env_keys)
+        except UnknownEnvironment as exc:
+            raise CommandError(str(exc), returncode=EXIT_USAGE) from None
+        result = lock_lookup(query, envs)
         if output_format == "json":
             self.stdout.write(json.dumps(lookup_json(result), indent=2))
         else:
@@ -67,16 +71,6 @@ class Command(BaseCommand):
             self.stderr.write(f"warning: {env.env.key} ({env.env.label}) did not answer: {env.error}")
         if not result.found:
             raise SystemExit(EXIT_INCOMPLETE if result.unreachable else EXIT_NOT_FOUND)
-
-
-def _environments(keys: list[str] | None) -> list[Environment]:
-    if not keys:
-        return all_environments()
-    try:
-        return [get_environment(key) for key in dict.fromkeys(keys)]
-    except UnknownEnvironment as exc:
-        known = ", ".join(env.key for env in all_environments())
-        raise CommandError(f"{exc} (known: {known})", returncode=EXIT_USAGE) from None
 
 
 # --- Output ----------------------------------------------------------------------------------
