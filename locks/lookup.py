@@ -33,7 +33,7 @@ from psycopg.errors import QueryCanceled
 
 from billing_ops.environments import Environment, environment_connect
 from billing_ops.selectors import describe_error, run_per_environment
-from locks.selectors import aware, lock_table_shape, run_problem
+from locks.selectors import aware, lock_table_shape, overview_wait_s, run_problem
 
 # Lock rows listed per environment; the total is always given.
 LOCK_ROWS_LIMIT = 100
@@ -356,8 +356,7 @@ def lock_lookup_in(env: Environment, query: str) -> EnvironmentLookup:
 def lock_lookup(query: str, envs: list[Environment]) -> LockLookup:
     """The query in every environment, concurrently, each bounded as the overview is; an
     environment that fails or does not answer in time is listed with its error."""
-    timeout_s = settings.CONNECT_TIMEOUT_S + settings.OVERVIEW_STATEMENT_TIMEOUT_MS / 1000 + 1
-    results = run_per_environment(lambda env: lock_lookup_in(env, query), envs, timeout_s=timeout_s)
+    results = run_per_environment(lambda env: lock_lookup_in(env, query), envs, timeout_s=overview_wait_s())
     return LockLookup(
         query=lookup_query_clean(query),
         environments=[

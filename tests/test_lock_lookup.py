@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from datetime import datetime, timedelta
 from io import StringIO
 
@@ -11,7 +12,7 @@ from django.core.cache import cache
 from django.core.management import CommandError, call_command
 from django.db import connections
 
-from billing_ops.environments import all_environments
+from billing_ops.environments import all_environments, environment_connect
 from locks.lookup import KeyFormat, key_format_from, lock_lookup, lock_lookup_in
 from locks.models import LockReleasePlan
 from tests.conftest import free_port_for_tests
@@ -172,6 +173,27 @@ def test_every_environment_answers_and_an_unreachable_one_is_listed(
     text = response.content.decode()
     assert 'data-env="down" data-reachable="false"' in text and "Unreachable" in text
     assert "secret-pw" not in text
+
+
+def test_an_environment_that_does_not_answer_in_time_is_listed_as_timed_out(
+    held, protected_env, client_for, viewer, settings
+) -> None:
+    settings.OVERVIEW_STATEMENT_TIMEOUT_MS = 500
+    blocker = environment_connect(held)
+    blocker.execute("LOCK TABLE lock.locks IN ACCESS EXCLUSIVE MODE")  # every read of it waits
+    try:
+        started = time.monotonic()
+        response = client_for(viewer).get("/lookup/", {"q": "c7"})
+        elapsed = time.monotonic() - started
+    finally:
+        blocker.rollback()
+        blocker.close()
+    by_key = {e.env.key: e for e in response.context["result"].environments}
+    assert not by_key[held.key].reachable and by_key[held.key].timed_out
+    assert "statement timeout" in by_key[held.key].error
+    assert by_key[protected_env.key].reachable
+    assert "Timed out" in response.content.decode()
+    assert elapsed < 5, elapsed
 
 
 def test_an_environment_without_a_learnable_format_is_scanned_by_entity_id(held, client_for, viewer) -> None:
