@@ -215,6 +215,18 @@ def all_environments() -> list[Environment]:
     return list(settings.ENVIRONMENTS.values())
 
 
+def environments_named(keys: list[str] | None) -> list[Environment]:
+    """The environments with these keys, in the order given and each once; all of them when
+    no key is given. An unknown key raises UnknownEnvironment naming the known ones."""
+    if not keys:
+        return all_environments()
+    try:
+        return [get_environment(key) for key in dict.fromkeys(keys)]
+    except UnknownEnvironment as exc:
+        known = ", ".join(env.key for env in all_environments())
+        raise UnknownEnvironment(f"{exc} (known: {known})") from None
+
+
 def get_environment(key: str) -> Environment:
     from django.conf import settings
 

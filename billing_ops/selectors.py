@@ -11,6 +11,7 @@ from typing import Any
 from django.conf import settings
 from django.db import connections
 from django.db.models import QuerySet
+from django.utils import translation
 from django.utils.translation import gettext as _
 
 from billing_ops.environments import Environment, environment_connect
@@ -56,7 +57,8 @@ def run_per_environment(func: Any, envs: list[Environment], *, timeout_s: float)
     if not envs:
         return {}
     pool = ThreadPoolExecutor(max_workers=min(16, len(envs)), thread_name_prefix="env")
-    futures = {env.key: pool.submit(_closing(func), env) for env in envs}
+    call = _closing(func, translation.get_language())
+    futures = {env.key: pool.submit(call, env) for env in envs}
     wait(futures.values(), timeout=timeout_s)
     pool.shutdown(wait=False, cancel_futures=True)
     results: dict[str, Any] = {}
@@ -71,10 +73,14 @@ def run_per_environment(func: Any, envs: list[Environment], *, timeout_s: float)
     return results
 
 
-def _closing(func: Any) -> Any:
+def _closing(func: Any, language: str | None) -> Any:
+    """``func`` in a worker thread: in the caller's language (the active language is per
+    thread, and texts such as a run's stuck reason are made there), closing its connection."""
+
     def call(env: Environment) -> Any:
         try:
-            return func(env)
+            with translation.override(language):
+                return func(env)
         finally:
             connections[env.alias].close()
 

@@ -6,6 +6,8 @@ from django import forms
 from django.http import QueryDict
 from django.utils.translation import gettext_lazy as _
 
+from locks.lookup import QUERY_MAX_CHARS
+
 LOCK_CHOICES = [("all", _("All locks")), ("system", _("System locks only"))]
 SCOPE_CHOICES = [("selected", _("The selected runs")), ("shown", _("Every run the current filter shows"))]
 
@@ -58,3 +60,9 @@ class CleanupScheduleForm(forms.Form):
         help_text=_("cron syntax: * for every day, mon-fri, 1,3,5 …"),
     )
     time_zone = forms.ChoiceField(label=_("Time zone"), choices=_time_zone_choices)
+
+
+class LockLookupForm(forms.Form):
+    """The search box on every page: an entity id, a lock key, a billing number or a run id."""
+
+    q = forms.CharField(label=_("Entity id, lock key or billing number"), max_length=QUERY_MAX_CHARS)

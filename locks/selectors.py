@@ -322,12 +322,17 @@ class EnvironmentStatus:
         return verdict_for(self.figures, self.error)
 
 
+def overview_wait_s() -> float:
+    """How long a page that asks every environment (the overview, the lock lookup) waits
+    for one: its connect timeout, the overview's statement timeout, and a second."""
+    return settings.CONNECT_TIMEOUT_S + settings.OVERVIEW_STATEMENT_TIMEOUT_MS / 1000 + 1
+
+
 def environments_status(envs: list[Environment]) -> list[EnvironmentStatus]:
     """Every environment's figures, concurrently; each bounded by its own timeouts."""
     from billing_ops.selectors import describe_error, run_per_environment
 
-    timeout_s = settings.CONNECT_TIMEOUT_S + settings.OVERVIEW_STATEMENT_TIMEOUT_MS / 1000 + 1
-    results = run_per_environment(lock_figures, envs, timeout_s=timeout_s)
+    results = run_per_environment(lock_figures, envs, timeout_s=overview_wait_s())
     return [
         EnvironmentStatus(env, result)
         if isinstance(result, LockFigures)

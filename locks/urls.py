@@ -11,6 +11,7 @@ urlpatterns = [
     path("environments/<str:env_key>/runs/<int:run_id>/", views.run_detail, name="run_detail"),
     path("environments/<str:env_key>/locks-without-run/", views.locks_without_run, name="locks_without_run"),
     path("environments/<str:env_key>/procedure/", views.procedure, name="procedure"),
+    path("lookup/", views.lock_lookup, name="lock_lookup"),
     path("report.<str:fmt>", views.report_download, name="report_download"),
     path("metrics", views.metrics, name="metrics"),
     path("environments/<str:env_key>/releases/preview/", views.release_preview, name="release_preview"),

@@ -28,10 +28,10 @@ from billing_ops.environments import Environment, all_environments
 from billing_ops.models import BillingRun, Job
 from billing_ops.notifications import notifications_failed_recent
 from billing_ops.selectors import LOCK_RELEASE_KIND, last_finished_jobs
-from locks import release, schedule, selectors, services
+from locks import lookup, release, schedule, selectors, services
 from locks.charts import stuck_locks_svg
 from locks.filters import StuckRunFilter
-from locks.forms import CleanupScheduleForm, ReleasePreviewForm
+from locks.forms import CleanupScheduleForm, LockLookupForm, ReleasePreviewForm
 from locks.history import SnapshotChange, alerts_active, alerts_recent, latest_snapshots, stuck_locks_series
 from locks.metrics import render_metrics
 from locks.models import Alert, Lock, LockReleasePlan
@@ -209,6 +209,19 @@ def locks_without_run(request: HttpRequest, env_key: str) -> HttpResponse:
             "total": sum(g.count for g in groups),
             "table": table,
         },
+    )
+
+
+@require_GET
+def lock_lookup(request: HttpRequest) -> HttpResponse:
+    """Who holds this lock? The query in every environment at once."""
+    access.require_viewer(request.user)
+    form = LockLookupForm(request.GET if "q" in request.GET else None)
+    result = lookup.lock_lookup(form.cleaned_data["q"], all_environments()) if form.is_valid() else None
+    return render(
+        request,
+        "locks/lock_lookup.html",
+        {"form": form, "result": result, "row_limit": lookup.LOCK_ROWS_LIMIT},
     )
 
 

@@ -288,11 +288,15 @@ MAIN_PAGES = [
     ("alert_list", {}),
     ("cleanup_schedule", {}),
     ("preference_edit", {}),
+    ("notification_list", {}),
+    ("lock_lookup", {"?q": "BILLING202512220055"}),
 ]
 
 
 def page_url(name: str, kwargs: dict[str, object], env_key: str) -> str:
-    return reverse(name, kwargs={k: (env_key if v is None else v) for k, v in kwargs.items()})
+    query = f"?q={kwargs['?q']}" if "?q" in kwargs else ""
+    path_kwargs = {k: (env_key if v is None else v) for k, v in kwargs.items() if k != "?q"}
+    return reverse(name, kwargs=path_kwargs) + query
 
 
 def client_in(user: User, language: str) -> Client:

@@ -47,6 +47,7 @@ MATRIX: dict[str, tuple[str, dict[str, Any]]] = {
     "run_detail": ("GET", {**READ_ONLY, "viewer": 404, "operator": 404, "approver": 404}),
     "locks_without_run": ("GET", READ_ONLY),
     "procedure": ("GET", READ_ONLY),
+    "lock_lookup": ("GET", READ_ONLY),
     "report_download": ("GET", READ_ONLY),
     "alert_list": ("GET", READ_ONLY),
     "cleanup_schedule": ("GET", READ_ONLY),

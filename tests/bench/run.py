@@ -14,11 +14,20 @@ import django
 def main() -> int:
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "billing_ops.settings")
     django.setup()
-    from tests.bench import bench_chain, bench_locks, bench_release, bench_rollback, bench_seed, bench_upsert
+    from tests.bench import (
+        bench_chain,
+        bench_locks,
+        bench_lookup,
+        bench_release,
+        bench_rollback,
+        bench_seed,
+        bench_upsert,
+    )
 
     benches = {
         "seed": bench_seed,
         "locks": bench_locks,
+        "lookup": bench_lookup,
         "release": bench_release,
         "upsert": bench_upsert,
         "rollback": bench_rollback,

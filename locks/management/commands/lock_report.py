@@ -23,7 +23,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils import timezone
 
-from billing_ops.environments import Environment, UnknownEnvironment, all_environments, get_environment
+from billing_ops.environments import UnknownEnvironment, environments_named
 from locks.reports import lock_report, render_csv, render_json, render_markdown
 
 FORMATS = ("markdown", "csv", "json")
@@ -47,7 +47,10 @@ class Command(BaseCommand):
     def handle(
         self, *args: Any, env_keys: list[str] | None, output_format: str, output: str | None, **options: Any
     ) -> None:
-        envs = _environments(env_keys)
+        try:
+            envs = environments_named(env_keys)
+        except UnknownEnvironment as exc:
+            raise CommandError(str(exc)) from None
         report = lock_report(envs)
         if output_format == "json":
             text = render_json(report)
@@ -67,16 +70,6 @@ class Command(BaseCommand):
             )
         else:
             self.stdout.write(text, ending="")
-
-
-def _environments(keys: list[str] | None) -> list[Environment]:
-    if not keys:
-        return all_environments()
-    try:
-        return [get_environment(key) for key in dict.fromkeys(keys)]
-    except UnknownEnvironment as exc:
-        known = ", ".join(env.key for env in all_environments())
-        raise CommandError(f"{exc} (known: {known})") from None
 
 
 def _write_atomically(path: Path, text: str) -> None:
