@@ -221,8 +221,9 @@ class EnvironmentLookup:
 
     @property
     def by_entity_id_scan(self) -> bool:
-        """The entity id was matched by scanning entity_id (no lock-key format learned)."""
-        return self.formats is not None and not self.formats.usable
+        """The entity id was matched by scanning entity_id because some entity type's rows
+        agree on no lock-key format (an empty lock.locks has nothing to learn or to scan)."""
+        return self.formats is not None and bool(self.formats.unformatted)
 
 
 @dataclass(frozen=True)
@@ -237,6 +238,16 @@ class LockLookup:
     @property
     def unreachable(self) -> list[EnvironmentLookup]:
         return [e for e in self.environments if not e.reachable]
+
+    @property
+    def shown(self) -> list[EnvironmentLookup]:
+        """Environments with something to show: results, an error, or a note on the scan."""
+        return [e for e in self.environments if e.found or not e.reachable or e.by_entity_id_scan]
+
+    @property
+    def empty(self) -> list[EnvironmentLookup]:
+        """Environments that answered and hold nothing of it (listed on one line)."""
+        return [e for e in self.environments if e not in self.shown]
 
 
 def lookup_query_clean(query: str) -> str:

@@ -173,6 +173,13 @@ def test_every_environment_answers_and_an_unreachable_one_is_listed(
     text = response.content.decode()
     assert 'data-env="down" data-reachable="false"' in text and "Unreachable" in text
     assert "secret-pw" not in text
+    # Environments that answered with nothing are named on one line, not given a card each.
+    empty = [e.env.key for e in result.environments if e.reachable and not e.found]
+    assert empty and [e.env.key for e in result.empty] == empty
+    nothing_line = text.split("data-nothing-found", 1)[1].split("</p>", 1)[0]
+    assert "Nothing found in:" in nothing_line
+    assert all(f'data-env="{key}"' in nothing_line for key in empty)
+    assert f'<section class="card" data-env="{held.key}"' in text
 
 
 def test_an_environment_that_does_not_answer_in_time_is_listed_as_timed_out(
