@@ -107,6 +107,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "billing_ops.security.ContentSecurityPolicyMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.locale.LocaleMiddleware",
@@ -328,6 +329,42 @@ LOGOUT_REDIRECT_URL = "login"
 SESSION_COOKIE_HTTPONLY = True
 SESSION_COOKIE_SECURE = env_bool("DJANGO_SECURE_COOKIES", not (DEBUG or DEMO_MODE or TESTING))
 CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
+
+# Sign-in throttling (billing_ops.access): this many failed sign-ins for one user name, or
+# from one client address, within the window lock further attempts out until it ends.
+# Counted in Redis; while Redis is unreachable sign-ins are not throttled (and still audited).
+LOGIN_FAILURE_LIMIT = env_int("BILLING_OPS_LOGIN_FAILURE_LIMIT", 5, minimum=1)
+# 0: no per-address limit (behind a proxy every client has the proxy's address).
+LOGIN_FAILURE_LIMIT_PER_ADDRESS = env_int("BILLING_OPS_LOGIN_FAILURE_LIMIT_PER_ADDRESS", 20)
+LOGIN_FAILURE_WINDOW_S = env_int("BILLING_OPS_LOGIN_FAILURE_WINDOW_S", 15 * 60, minimum=1)
+LOGIN_FAILURE_KEY_PREFIX = f"billing_ops:login-failures:{CELERY_QUEUE}:"
+
+# --- Transport and browser hardening (SECURITY.md) ------------------------------------------
+# Production (not debug, demo or test) is HTTPS only: `manage.py check --deploy` is clean
+# with the defaults. Behind a TLS-terminating proxy set DJANGO_SECURE_PROXY_SSL_HEADER=true
+# (only if the proxy overwrites X-Forwarded-Proto on every request).
+PRODUCTION = not (DEBUG or DEMO_MODE or TESTING)
+SECURE_SSL_REDIRECT = env_bool("DJANGO_SECURE_SSL_REDIRECT", PRODUCTION)
+# Load balancers probe over plain HTTP; /healthz carries nothing secret.
+SECURE_REDIRECT_EXEMPT = [r"^healthz$"]
+if env_bool("DJANGO_SECURE_PROXY_SSL_HEADER", False):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+SECURE_HSTS_SECONDS = env_int("DJANGO_HSTS_SECONDS", 365 * 24 * 3600 if PRODUCTION else 0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("DJANGO_HSTS_INCLUDE_SUBDOMAINS", True)
+# The preload directive only lets the apex domain be submitted to browsers' preload list;
+# nothing is preloaded unless someone submits it.
+SECURE_HSTS_PRELOAD = env_bool("DJANGO_HSTS_PRELOAD", True)
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "same-origin"
+SECURE_CROSS_ORIGIN_OPENER_POLICY = "same-origin"
+X_FRAME_OPTIONS = "DENY"
+# Sent on every response, in every mode (the browser tests run with it): the app's own
+# static JS and CSS only; no inline script, style element or style attribute, no eval.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "font-src 'self'; connect-src 'self'; form-action 'self'; frame-ancestors 'none'; "
+    "base-uri 'none'; object-src 'none'"
+)
 
 # The languages the dashboard ships (locale/<code>/LC_MESSAGES/django.po, compiled .mo
 # committed next to it). A signed-in user's choice is saved (billing_ops.preferences);

@@ -56,7 +56,14 @@ def test_an_operator_queues_an_environment_check_and_sees_it_succeed(
 
     make_user("op-browser", "Operator", password="a-long-browser-test-password")
     page = browser.new_page()
-    page.goto(f"{live_server.url}/")
+    # The Content-Security-Policy is on in every mode: whatever it blocks, Chromium reports.
+    refused: list[str] = []
+    page.on(
+        "console",
+        lambda message: refused.append(message.text) if "Content Security Policy" in message.text else None,
+    )
+    response = page.goto(f"{live_server.url}/")
+    assert response is not None and "script-src 'self'" in response.headers["content-security-policy"]
     expect(page).to_have_url(f"{live_server.url}/login/?next=/")
     page.fill("input[name=username]", "op-browser")
     page.fill("input[name=password]", "a-long-browser-test-password")
@@ -71,6 +78,12 @@ def test_an_operator_queues_an_environment_check_and_sees_it_succeed(
     # The status fragment refreshes itself (htmx); no reload happens here.
     expect(page.locator("[data-status]")).to_have_attribute("data-status", "succeeded", timeout=30_000)
     expect(page.locator("[role=progressbar]")).to_have_attribute("aria-valuenow", "100")
+    # The bar's width is set by static/js/app.js (no inline style): full at 100 %.
+    widths = page.evaluate(
+        "() => { const b = document.querySelector('.progress .bar');"
+        " return [b.getBoundingClientRect().width, b.parentElement.getBoundingClientRect().width]; }"
+    )
+    assert widths[1] > 0 and abs(widths[0] - widths[1]) < 1, widths
     expect(page.locator(".result")).to_contain_text("lock.locks")
     page.screenshot(path=str(ARTIFACTS / "job-succeeded.png"), full_page=True)
 
@@ -92,3 +105,4 @@ def test_an_operator_queues_an_environment_check_and_sees_it_succeed(
     expect(page.locator("html")).to_have_attribute("lang", "ka")
     page.screenshot(path=str(ARTIFACTS / "overview-ka.png"), full_page=True)
     assert job.requested_by.preference.language == "ka"
+    assert refused == []
