@@ -46,6 +46,7 @@ class AuditAction(models.TextChoices):
     SCHEDULE_CHANGED = "schedule.changed", _("Schedule changed")
     ALERT_ACKNOWLEDGED = "alert.acknowledged", _("Alert acknowledged")
     LOGIN_FAILED = "auth.login_failed", _("Login failed")
+    LOGIN_THROTTLED = "auth.login_throttled", _("Sign-ins locked out after repeated failures")
     UPSERT_ADHOC = "upsert.adhoc", _("Upsert run from the command line")
     UPSERT_ROLLED_BACK = "upsert.rolled_back", _("Upsert run rolled back")
     DUPLICATES_DELETED = "invoice_lines.duplicates_deleted", _("Duplicate invoice lines deleted")

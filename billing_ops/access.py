@@ -9,13 +9,19 @@ Roles are Django groups carrying three permissions:
 
 from __future__ import annotations
 
+import hashlib
+import logging
 from typing import Any
 
+import redis
+from django.conf import settings
 from django.core.exceptions import PermissionDenied
 from django.http import Http404
 from django.utils.translation import gettext as _
 
 from billing_ops.environments import Environment, UnknownEnvironment, get_environment
+
+logger = logging.getLogger(__name__)
 
 VIEW_PERM = "billing_ops.view_dashboard"
 QUEUE_PERM = "billing_ops.queue_job"
@@ -79,9 +85,83 @@ def record_login_failure(
     from audit.services import ANONYMOUS_ACTOR, audit_record
 
     remote = request.META.get("REMOTE_ADDR", "") if request is not None else ""
+    username = str(credentials.get("username", ""))[:150]
     # Django has already replaced the password in `credentials`; keep only the name.
     audit_record(
         actor=ANONYMOUS_ACTOR,
         action="auth.login_failed",
-        params={"username": str(credentials.get("username", ""))[:150], "remote_addr": remote},
+        params={"username": username, "remote_addr": remote},
     )
+    login_failure_count(username, remote)
+
+
+# --- Sign-in throttling ----------------------------------------------------------------------
+# Counters in Redis, one per user name (hashed: the key does not show it) and one per client
+# address, each expiring LOGIN_FAILURE_WINDOW_S after its first failure. The same answer
+# whether the user exists or not. Redis unreachable: no throttling (fail open, logged), so
+# that sign-in keeps working while the broker is down; failures are still audited.
+
+
+def _redis() -> redis.Redis:
+    return redis.Redis.from_url(settings.REDIS_URL, socket_connect_timeout=1, socket_timeout=1)
+
+
+def _login_counters(username: str, remote_addr: str) -> list[tuple[str, int]]:
+    name = hashlib.sha256(username.strip().casefold().encode("utf-8", "replace")).hexdigest()
+    counters = [(f"{settings.LOGIN_FAILURE_KEY_PREFIX}user:{name}", settings.LOGIN_FAILURE_LIMIT)]
+    if remote_addr and settings.LOGIN_FAILURE_LIMIT_PER_ADDRESS:
+        counters.append(
+            (
+                f"{settings.LOGIN_FAILURE_KEY_PREFIX}addr:{remote_addr}",
+                settings.LOGIN_FAILURE_LIMIT_PER_ADDRESS,
+            )
+        )
+    return counters
+
+
+def login_locked_for(username: str, remote_addr: str) -> int:
+    """Seconds until this user name and address may try to sign in again (0: now)."""
+    wait = 0
+    try:
+        client = _redis()
+        for key, limit in _login_counters(username, remote_addr):
+            if int(client.get(key) or 0) >= limit:
+                wait = max(wait, int(client.ttl(key)), 1)
+    except redis.RedisError as exc:
+        logger.warning("sign-in throttling unavailable (Redis: %s); not throttling", type(exc).__name__)
+        return 0
+    return wait
+
+
+def login_failure_count(username: str, remote_addr: str) -> None:
+    """Count one failed sign-in; the failure that reaches a limit is audited as a lockout."""
+    from audit.services import ANONYMOUS_ACTOR, audit_record
+
+    try:
+        client = _redis()
+        for key, limit in _login_counters(username, remote_addr):
+            count = int(client.incr(key))
+            if count == 1 or client.ttl(key) < 0:
+                client.expire(key, settings.LOGIN_FAILURE_WINDOW_S)
+            if count == limit:
+                audit_record(
+                    actor=ANONYMOUS_ACTOR,
+                    action="auth.login_throttled",
+                    params={
+                        "username": username,
+                        "remote_addr": remote_addr,
+                        "by": "user" if ":user:" in key else "address",
+                        "failures": limit,
+                        "window_s": settings.LOGIN_FAILURE_WINDOW_S,
+                    },
+                )
+    except redis.RedisError as exc:
+        logger.warning("sign-in throttling unavailable (Redis: %s); not counting", type(exc).__name__)
+
+
+def login_failures_forget(username: str) -> None:
+    """A successful sign-in clears its user name's count (not the address's)."""
+    try:
+        _redis().delete(_login_counters(username, "")[0][0])
+    except redis.RedisError as exc:
+        logger.warning("sign-in throttling unavailable (Redis: %s)", type(exc).__name__)

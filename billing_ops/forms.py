@@ -1,10 +1,40 @@
 from __future__ import annotations
 
+import math
+
 from django import forms
 from django.conf import settings
+from django.contrib.auth.forms import AuthenticationForm
+from django.core.exceptions import ValidationError
 from django.utils.translation import gettext_lazy as _
+from django.utils.translation import ngettext
 
+from billing_ops import access
 from billing_ops.environments import all_environments
+
+
+class ThrottledAuthenticationForm(AuthenticationForm):
+    """Django's sign-in form, refusing to try the password while the user name or the
+    client address is locked out (billing_ops.access; failures are counted by the
+    user_login_failed signal). The message is the same whether the user exists or not."""
+
+    throttled = ""
+
+    def clean(self) -> dict[str, object]:
+        username = str(self.cleaned_data.get("username") or "")
+        remote = self.request.META.get("REMOTE_ADDR", "") if self.request is not None else ""
+        wait_s = access.login_locked_for(username, remote)
+        if wait_s:
+            minutes = math.ceil(wait_s / 60)
+            self.throttled = ngettext(
+                "Too many failed sign-ins; try again in %(minutes)d minute.",
+                "Too many failed sign-ins; try again in %(minutes)d minutes.",
+                minutes,
+            ) % {"minutes": minutes}
+            raise ValidationError(self.throttled, code="throttled")
+        cleaned = super().clean()
+        access.login_failures_forget(username)
+        return cleaned
 
 
 def environment_choices() -> list[tuple[str, str]]:

@@ -4,6 +4,7 @@ from django.contrib.auth import views as auth_views
 from django.urls import include, path
 
 from billing_ops import views
+from billing_ops.forms import ThrottledAuthenticationForm
 
 handler403 = "billing_ops.views.permission_denied"
 
@@ -11,7 +12,13 @@ urlpatterns = [
     path("", include("locks.urls")),
     path("", include("reconciliation.urls")),
     path("", include("audit.urls")),
-    path("login/", auth_views.LoginView.as_view(redirect_authenticated_user=True), name="login"),
+    path(
+        "login/",
+        auth_views.LoginView.as_view(
+            redirect_authenticated_user=True, authentication_form=ThrottledAuthenticationForm
+        ),
+        name="login",
+    ),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("healthz", views.healthz, name="healthz"),
     path("environments/<str:env_key>/", views.environment_detail, name="environment_detail"),

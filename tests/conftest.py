@@ -176,6 +176,19 @@ def _private_file_folders(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         yield
 
 
+@pytest.fixture(autouse=True)
+def _no_login_lockouts() -> None:
+    """Every test starts with no sign-in failures counted (the counters live in Redis and
+    would otherwise carry from one test's failed logins to the next test's)."""
+    import redis
+
+    with contextlib.suppress(redis.RedisError):
+        client = redis.Redis.from_url(settings.REDIS_URL, socket_connect_timeout=1, socket_timeout=1)
+        keys = list(client.scan_iter(match=f"{settings.LOGIN_FAILURE_KEY_PREFIX}*", count=1000))
+        if keys:
+            client.delete(*keys)
+
+
 @pytest.fixture
 def clean_environments(django_db_blocker: Any) -> Iterator[None]:
     """Empty the contract tables of every environment's test database before and after."""
