@@ -1,11 +1,29 @@
 from __future__ import annotations
 
+from typing import Any
+
 import django_tables2 as tables
+from django.core.paginator import PageNotAnInteger
 from django.utils.translation import gettext_lazy as _
 
 from billing_ops.environments import environment_label
 from billing_ops.job_kinds import kind_label
 from billing_ops.models import Job, Notification
+
+# PostgreSQL's OFFSET is a bigint.
+MAX_OFFSET = 2**63 - 1
+
+
+class UncountedPaginator(tables.LazyPaginator):
+    """django-tables2's LazyPaginator (pages through a table without counting it), but a
+    page number whose offset PostgreSQL cannot hold shows the first page, as any other
+    page number that is not one does, instead of failing the request."""
+
+    def validate_number(self, number: Any) -> int:
+        number = int(super().validate_number(number))
+        if (number - 1) * int(self.per_page) > MAX_OFFSET:
+            raise PageNotAnInteger(self.error_messages["invalid_page"])
+        return number
 
 
 class JobTable(tables.Table):
