@@ -6,6 +6,8 @@ password on any page, log or error; uploads outside the web root and removed aft
 from __future__ import annotations
 
 import ast
+import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -518,3 +520,97 @@ def test_hostile_filter_values_never_cause_a_500(name: str, viewer, client_for, 
     assert failures == [], "\n".join(failures)
     with connections[unprotected_env.alias].cursor() as cursor:  # nothing was dropped
         cursor.execute("SELECT count(*) FROM lock.locks")
+
+
+# --- Environment URLs and passwords: never rendered or logged ----------------------------------
+
+ENV_PASSWORD = "s3cret-pw-h4Xq"
+
+
+@contextlib.contextmanager
+def with_password(env: Any, url: str, settings: Any) -> Iterator[Any]:
+    """The environment `env` (its test database alias, which this test may use) reconfigured
+    to `url`, password included, as a deployment's environments file would give it."""
+    from billing_ops.environments import parse_database_url
+
+    conninfo = parse_database_url(url, where=env.key)
+    changed = dataclasses.replace(env, url=url, conninfo=conninfo)
+    settings.ENVIRONMENTS = {**settings.ENVIRONMENTS, env.key: changed}
+    connection = connections[env.alias]
+    saved = {k: connection.settings_dict[k] for k in ("HOST", "PORT", "USER", "PASSWORD", "NAME")}
+    connection.close()
+    connection.settings_dict.update(
+        HOST=conninfo["host"], PORT=conninfo["port"], USER=conninfo["user"], PASSWORD=conninfo["password"]
+    )
+    try:
+        yield changed
+    finally:
+        connection.close()
+        connection.settings_dict.update(saved)
+
+
+@pytest.mark.django_db(databases="__all__", transaction=True)
+@pytest.mark.usefixtures("inline_jobs")
+def test_an_environment_password_is_never_rendered_or_logged(
+    unprotected_env, protected_env, clean_environments, caplog, settings
+) -> None:
+    """An operator+approver (who sees every page and every action) browses every GET page of
+    the permission matrix for an environment whose URL carries a password, reachable (the
+    machine's PostgreSQL accepts it) and unreachable; jobs run on both. The password is in
+    no page, job log, job error, health report or log record."""
+    from django.urls import reverse
+
+    from billing_ops import services
+    from billing_ops.models import Job
+    from tests.conftest import free_port_for_tests
+    from tests.test_permissions import MATRIX, url_kwargs
+
+    caplog.set_level("DEBUG")
+    db = connections[unprotected_env.alias].settings_dict
+    host = f"{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}"
+    up_url = f"postgresql://{db['USER']}:{ENV_PASSWORD}@{host}/{db['NAME']}"
+    down_url = f"postgresql://ops:{ENV_PASSWORD}@127.0.0.1:{free_port_for_tests()}/phoenix"
+    with (
+        with_password(unprotected_env, up_url, settings) as up,
+        with_password(protected_env, down_url, settings) as down,
+    ):
+        assert ENV_PASSWORD in up.url and up.conninfo["password"] == ENV_PASSWORD
+        admin = make_user("admin-pw", "Operator", "Approver")
+        jobs = {
+            env.key: services.job_request(actor=admin, kind="environment_check", environment=env.key)
+            for env in (up, down)
+        }
+        Job.objects.filter(pk=jobs[down.key].pk).update(status="queued")  # protected: approval skipped here
+        for job in jobs.values():
+            services.job_execute(job_id=job.pk, worker="test")
+        assert Job.objects.get(pk=jobs[up.key].pk).status == "succeeded"
+        failed = Job.objects.get(pk=jobs[down.key].pk)
+        assert failed.status == "failed" and failed.error  # an error, without the password
+
+        client = Client()
+        client.force_login(admin)
+        client.raise_request_exception = False
+        pages = 0
+        for env in (up, down):
+            for name, (method, _expected) in MATRIX.items():
+                if method != "GET" or name == "login":
+                    continue
+                url = reverse(name, kwargs=url_kwargs(name, env_key=env.key, job_id=jobs[env.key].pk))
+                response = client.get(url)
+                body = b"".join(response.streaming_content) if response.streaming else response.content
+                if env is up:
+                    assert response.status_code != 500, url
+                # (An unreachable environment's drill-down pages may still answer 500, with
+                # Django's plain error page; that is the fault-injection tests' subject.)
+                assert ENV_PASSWORD.encode() not in body, url
+                pages += 1
+            for fmt in ("csv", "md", "json"):
+                assert ENV_PASSWORD.encode() not in client.get(f"/report.{fmt}").content
+    assert pages > 2 * 30
+    stored = [
+        (j.error, json.dumps(j.result), [line.message for line in j.log_lines.all()])
+        for j in Job.objects.all()
+    ]
+    assert ENV_PASSWORD not in json.dumps(stored)
+    assert ENV_PASSWORD not in caplog.text
+    assert all(ENV_PASSWORD not in str(record.args) for record in caplog.records)
