@@ -12,6 +12,7 @@ import json
 import os
 import re
 import secrets
+import stat
 import subprocess
 import sys
 import time
@@ -614,3 +615,48 @@ def test_an_environment_password_is_never_rendered_or_logged(
     assert ENV_PASSWORD not in json.dumps(stored)
     assert ENV_PASSWORD not in caplog.text
     assert all(ENV_PASSWORD not in str(record.args) for record in caplog.records)
+
+
+# --- Uploads: outside the web root, random names, removed after the job ------------------------
+
+
+@pytest.mark.django_db(databases="__all__", transaction=True)
+@pytest.mark.usefixtures("inline_jobs")
+def test_an_upload_is_private_randomly_named_and_removed_once_its_job_succeeded(
+    unprotected_env, clean_environments, settings, tmp_path
+) -> None:
+    """The failure, refusal and cancellation paths: tests/test_upsert.py."""
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    from billing_ops import services
+    from billing_ops.models import Job
+    from reconciliation.services import upload_path
+
+    served = [Path(settings.STATIC_ROOT), *map(Path, settings.STATICFILES_DIRS)]
+    configured = Path(settings.UPLOAD_DIR)  # the deployment's folder: not one the web serves
+    assert not any(configured.resolve().is_relative_to(root.resolve()) for root in served)
+    settings.UPLOAD_DIR = tmp_path / "var" / "uploads"
+    operator = make_user("op-upload", "Operator")
+    client = Client()
+    client.force_login(operator)
+    body = b"invoice_id,unit_id,line_type,description,quantity,amount\nINV-1,U-1,FEE,fee,1,1\n"
+    url = f"/environments/{unprotected_env.key}/reconciliation/upsert/"
+    names = []
+    for run_id in ("sec-1", "sec-2"):
+        upload = SimpleUploadedFile("../../static/evil.csv", body, content_type="text/csv")
+        response = client.post(url, {"csv": upload, "run_id": run_id, "batch_size": "100", "dry_run": "on"})
+        assert response.status_code == 302, response.content[:500]
+        names.append(Job.objects.latest("pk").params["upload"])
+    stored = [upload_path(name) for name in names]
+    # Random names (the same file twice: two names), none taken from the client's.
+    assert names[0] != names[1] and all(re.fullmatch(r"[0-9a-f]{32}\.csv", name) for name in names)
+    assert [p.parent for p in stored] == [settings.UPLOAD_DIR] * 2 and all(p.exists() for p in stored)
+    assert (settings.UPLOAD_DIR / "evil.csv").exists() is False
+    # Private, and not served.
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in stored)
+    assert stat.S_IMODE(settings.UPLOAD_DIR.stat().st_mode) == 0o700
+    assert client.get(f"/static/{names[0]}").status_code == 404
+    # Removed once the job settled: here, one that succeeded.
+    job = Job.objects.get(params__upload=names[0])
+    assert services.job_execute(job_id=job.pk, worker="test") == "succeeded"
+    assert not stored[0].exists() and stored[1].exists()
