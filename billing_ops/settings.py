@@ -120,6 +120,8 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
+    # Innermost: sees the view's exceptions first (an environment's database that is down).
+    "billing_ops.middleware.EnvironmentUnavailableMiddleware",
 ]
 
 ROOT_URLCONF = "billing_ops.urls"
