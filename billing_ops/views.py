@@ -186,7 +186,8 @@ def job_cancel(request: HttpRequest, job_id: int) -> HttpResponse:
 
 def _next_url(request: HttpRequest) -> str:
     target = request.POST.get("next", "")
-    if url_has_allowed_host_and_scheme(
+    # A path of this site only: redirect() would read "nope" as a view name (a 500).
+    if target.startswith("/") and url_has_allowed_host_and_scheme(
         target, allowed_hosts={request.get_host()}, require_https=request.is_secure()
     ):
         return target

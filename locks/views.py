@@ -288,7 +288,9 @@ def release_preview(request: HttpRequest, env_key: str) -> HttpResponse:
     env = access.get_environment_for_user(request.user, env_key)
     form = ReleasePreviewForm(request.POST)
     back = request.POST.get("back") or reverse("stuck_runs", kwargs={"env_key": env.key})
-    if not url_has_allowed_host_and_scheme(back, allowed_hosts={request.get_host()}):
+    # A path of this site only: redirect() would read "nope" as a view name (a 500).
+    local = back.startswith("/") and url_has_allowed_host_and_scheme(back, allowed_hosts={request.get_host()})
+    if not local:
         back = reverse("stuck_runs", kwargs={"env_key": env.key})
     if not form.is_valid():
         messages.error(request, _("Choose the runs and which locks to release."))
