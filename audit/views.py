@@ -17,7 +17,7 @@ from django.shortcuts import redirect, render
 from django.utils import timezone
 from django.utils.translation import gettext as _
 from django.views.decorators.http import require_GET, require_POST
-from django_tables2 import RequestConfig
+from django_tables2 import LazyPaginator
 
 from audit.filters import AuditEntryFilter
 from audit.selectors import (
@@ -35,7 +35,7 @@ from audit.tables import (
 from audit.verification import chain_label, chain_verify_request
 from billing_ops import access
 from billing_ops.environments import Environment
-from billing_ops.tables import UncountedPaginator
+from billing_ops.tables import table_configure
 from locks.history import alerts_active
 from locks.models import AlertKind
 
@@ -52,9 +52,7 @@ def audit_trail(request: HttpRequest) -> HttpResponse:
     trail_filter = AuditEntryFilter(request.GET)
     table = AuditEntryTable(trail_filter.entries())
     # The trail only grows: page through it without counting it.
-    RequestConfig(
-        request, paginate={"paginator_class": UncountedPaginator, "per_page": AUDIT_ENTRIES_PER_PAGE}
-    ).configure(table)
+    table_configure(request, table, per_page=AUDIT_ENTRIES_PER_PAGE, paginator_class=LazyPaginator)
     export_query = request.GET.copy()
     for key in ("page", "sort"):
         export_query.pop(key, None)
@@ -92,7 +90,7 @@ def audit_trail_export(request: HttpRequest) -> StreamingHttpResponse:
 
 def _chain_page(request: HttpRequest, env: Environment | None) -> HttpResponse:
     table = ChainVerificationTable(chain_verifications(env))
-    RequestConfig(request, paginate={"per_page": VERIFICATIONS_PER_PAGE}).configure(table)
+    table_configure(request, table, per_page=VERIFICATIONS_PER_PAGE)
     user = request.user
     return render(
         request,

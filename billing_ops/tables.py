@@ -3,27 +3,40 @@ from __future__ import annotations
 from typing import Any
 
 import django_tables2 as tables
-from django.core.paginator import PageNotAnInteger
+from django.http import HttpRequest
 from django.utils.translation import gettext_lazy as _
 
 from billing_ops.environments import environment_label
 from billing_ops.job_kinds import kind_label
 from billing_ops.models import Job, Notification
 
-# PostgreSQL's OFFSET is a bigint.
-MAX_OFFSET = 2**63 - 1
+# A page number beyond this is page 1: page x rows per page must stay inside PostgreSQL's
+# bigint OFFSET (a ?page=99999999999999999999 was a server error).
+MAX_PAGE = 10**9
 
 
-class UncountedPaginator(tables.LazyPaginator):
-    """django-tables2's LazyPaginator (pages through a table without counting it), but a
-    page number whose offset PostgreSQL cannot hold shows the first page, as any other
-    page number that is not one does, instead of failing the request."""
+def page_number(request: HttpRequest, field: str = "page") -> int:
+    """The request's ``?page=``: 1 when missing, not a number or out of range."""
+    try:
+        number = int(request.GET.get(field, "1"))
+    except ValueError:
+        return 1
+    return number if 1 <= number <= MAX_PAGE else 1
 
-    def validate_number(self, number: Any) -> int:
-        number = int(super().validate_number(number))
-        if (number - 1) * int(self.per_page) > MAX_OFFSET:
-            raise PageNotAnInteger(self.error_messages["invalid_page"])
-        return number
+
+def table_configure(request: HttpRequest, table: tables.Table, *, per_page: int, **paginate: Any) -> None:
+    """Sort and page ``table`` as the request asks (``?sort=``, ``?page=``), ``per_page`` rows
+    a page. The page size is the view's: django-tables2 would take ``?per_page=`` from the
+    URL, where 0 or -1 was a server error and a huge one the whole table on one page; a page
+    number past ``MAX_PAGE`` is page 1."""
+    query = request.GET.copy()
+    query.pop(table.prefixed_per_page_field, None)
+    if table.prefixed_page_field in query and page_number(request, table.prefixed_page_field) == 1:
+        del query[table.prefixed_page_field]
+    if query != request.GET:
+        query._mutable = False
+        request.GET = query  # type: ignore[assignment]  # a QueryDict, immutable again
+    tables.RequestConfig(request, paginate={**paginate, "per_page": per_page}).configure(table)
 
 
 class JobTable(tables.Table):

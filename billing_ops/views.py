@@ -14,14 +14,13 @@ from django.utils.module_loading import import_string
 from django.utils.translation import gettext as _
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_POST
-from django_tables2 import RequestConfig
 
 from billing_ops import access, preferences, selectors, services
 from billing_ops.filters import JobFilter, NotificationFilter
 from billing_ops.forms import DecisionForm, EnvironmentCheckForm, LanguageForm, PreferenceForm
 from billing_ops.job_kinds import get_kind
 from billing_ops.models import Job, Notification
-from billing_ops.tables import JobTable, NotificationTable
+from billing_ops.tables import JobTable, NotificationTable, table_configure
 
 JOBS_PER_PAGE = 50
 
@@ -58,7 +57,7 @@ def job_list(request: HttpRequest) -> HttpResponse:
     access.require_viewer(request.user)
     job_filter = JobFilter(request.GET, queryset=selectors.jobs_recent())
     table = JobTable(job_filter.qs)
-    RequestConfig(request, paginate={"per_page": JOBS_PER_PAGE}).configure(table)
+    table_configure(request, table, per_page=JOBS_PER_PAGE)
     return render(request, "billing_ops/job_list.html", {"filter": job_filter, "table": table})
 
 
@@ -68,7 +67,7 @@ def notification_list(request: HttpRequest) -> HttpResponse:
     access.require_viewer(request.user)
     notification_filter = NotificationFilter(request.GET, queryset=Notification.objects.all())
     table = NotificationTable(notification_filter.qs)
-    RequestConfig(request, paginate={"per_page": JOBS_PER_PAGE}).configure(table)
+    table_configure(request, table, per_page=JOBS_PER_PAGE)
     return render(
         request, "billing_ops/notification_list.html", {"filter": notification_filter, "table": table}
     )
@@ -187,7 +186,8 @@ def job_cancel(request: HttpRequest, job_id: int) -> HttpResponse:
 
 def _next_url(request: HttpRequest) -> str:
     target = request.POST.get("next", "")
-    if url_has_allowed_host_and_scheme(
+    # A path of this site only: redirect() would read "nope" as a view name (a 500).
+    if target.startswith("/") and url_has_allowed_host_and_scheme(
         target, allowed_hosts={request.get_host()}, require_https=request.is_secure()
     ):
         return target

@@ -21,14 +21,14 @@ from django.utils.http import url_has_allowed_host_and_scheme
 from django.utils.translation import gettext as _
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
-from django_tables2 import RequestConfig
+from django_tables2 import LazyPaginator
 
 from billing_ops import access
 from billing_ops.environments import Environment, all_environments
 from billing_ops.models import BillingRun, Job
 from billing_ops.notifications import notifications_failed_recent
 from billing_ops.selectors import LOCK_RELEASE_KIND, last_finished_jobs
-from billing_ops.tables import UncountedPaginator
+from billing_ops.tables import table_configure
 from locks import lookup, release, schedule, selectors, services
 from locks.charts import stuck_locks_svg
 from locks.filters import StuckRunFilter
@@ -127,7 +127,7 @@ def stuck_runs(request: HttpRequest, env_key: str) -> HttpResponse:
     run_filter = StuckRunFilter(request.GET, entity_types=_entity_types(env))
     rows = selectors.stuck_runs(env, run_filter.run_filters())
     table = RunsTable(rows, env_key=env.key, selectable=access.is_operator(request.user))
-    RequestConfig(request, paginate={"per_page": STUCK_RUNS_PER_PAGE}).configure(table)
+    table_configure(request, table, per_page=STUCK_RUNS_PER_PAGE)
     return render(
         request,
         "locks/stuck_runs.html",
@@ -151,7 +151,7 @@ def suspicious_runs(request: HttpRequest, env_key: str) -> HttpResponse:
     ]
     tables = {name: RunsTable(rows, env_key=env.key, prefix=f"{name}-") for name, rows in sections}
     for table in tables.values():
-        RequestConfig(request, paginate={"per_page": STUCK_RUNS_PER_PAGE}).configure(table)
+        table_configure(request, table, per_page=STUCK_RUNS_PER_PAGE)
     return render(
         request,
         "locks/suspicious_runs.html",
@@ -166,8 +166,7 @@ def suspicious_runs(request: HttpRequest, env_key: str) -> HttpResponse:
 def _lock_rows(request: HttpRequest, locks: QuerySet[Lock]) -> LockTable:
     """Lock rows, a page at a time, never counted: a run can hold 150,000 of them."""
     table = LockTable(locks.order_by("id"))
-    paginate = {"paginator_class": UncountedPaginator, "per_page": LOCKS_PER_PAGE}
-    RequestConfig(request, paginate=paginate).configure(table)
+    table_configure(request, table, per_page=LOCKS_PER_PAGE, paginator_class=LazyPaginator)
     return table
 
 
@@ -289,7 +288,9 @@ def release_preview(request: HttpRequest, env_key: str) -> HttpResponse:
     env = access.get_environment_for_user(request.user, env_key)
     form = ReleasePreviewForm(request.POST)
     back = request.POST.get("back") or reverse("stuck_runs", kwargs={"env_key": env.key})
-    if not url_has_allowed_host_and_scheme(back, allowed_hosts={request.get_host()}):
+    # A path of this site only: redirect() would read "nope" as a view name (a 500).
+    local = back.startswith("/") and url_has_allowed_host_and_scheme(back, allowed_hosts={request.get_host()})
+    if not local:
         back = reverse("stuck_runs", kwargs={"env_key": env.key})
     if not form.is_valid():
         messages.error(request, _("Choose the runs and which locks to release."))

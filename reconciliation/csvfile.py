@@ -8,11 +8,11 @@ A file of missing invoice lines is:
 - a header row naming exactly the columns ``invoice_id``, ``unit_id``, ``line_type``,
   ``description``, ``quantity`` and ``amount``, in any order (an unknown or repeated
   name is an error, by name);
-- then one line per invoice line: the four text columns not blank and at most
-  ``TEXT_LIMITS`` characters; ``quantity`` and ``amount`` plain decimal numbers
-  (``12.5``, ``-`` not allowed, no thousands separators or decimal commas) that fit
-  ``numeric(18, 6)`` and ``numeric(18, 2)``; not negative (an exponent, ``1e3``, is read as
-  PostgreSQL reads it).
+- then one line per invoice line (an empty line is an error, at the end of the file too):
+  the four text columns not blank and at most ``TEXT_LIMITS`` characters; ``quantity``
+  and ``amount`` plain decimal numbers (``12.5``, ``-`` not allowed, no thousands
+  separators or decimal commas) that fit ``numeric(18, 6)`` and ``numeric(18, 2)``; not
+  negative (an exponent, ``1e3``, is read as PostgreSQL reads it).
 
 The header is checked here, in Python, before anything touches a database. The rows are
 checked by PostgreSQL while COPY streams them into a typed temporary table whose column
@@ -30,6 +30,7 @@ from __future__ import annotations
 import csv
 import io
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -170,20 +171,54 @@ _CONSTRAINT_MESSAGES = {
 }
 
 
-def record_line(path: Path, header: CsvHeader, record: int) -> int:
-    """The file line on which data record ``record`` (1-based) starts."""
+def _records(path: Path, header: CsvHeader) -> Iterator[tuple[int, list[str]]]:
+    """Each data record's first line, and its fields (undecodable bytes kept as surrogates).
+    A quote left open runs to the end of the file: the last record starts where it opened."""
     with path.open("rb") as raw:
         raw.seek(header.data_offset)
         text = io.TextIOWrapper(raw, encoding="utf-8", errors="surrogateescape", newline="")
         reader = csv.reader(text)
-        line = 1  # the header's
-        for _skipped in range(record - 1):
+        line = 2  # the first data line (the header is line 1)
+        while True:
             try:
-                next(reader)
+                fields = next(reader)
             except (StopIteration, csv.Error):
-                break
-            line = 1 + reader.line_num
-        return line + 1
+                return
+            yield line, fields
+            line = 2 + reader.line_num
+
+
+def record_line(path: Path, header: CsvHeader, record: int) -> int:
+    """The file line on which data record ``record`` (1-based) starts."""
+    return _record(path, header, record)[0]
+
+
+def _record(path: Path, header: CsvHeader, record: int) -> tuple[int, list[str]]:
+    """Data record ``record``'s first line and its fields (the last record's if the file ends first)."""
+    found: tuple[int, list[str]] = (2, [])
+    for number, found in enumerate(_records(path, header), start=1):  # noqa: B007 - the last one read
+        if number == record:
+            break
+    return found
+
+
+def _last_record_line(path: Path, header: CsvHeader) -> int:
+    """The line where the file's last record starts (where a quote left open begins)."""
+    last = 2
+    for last, _fields in _records(path, header):  # noqa: B007 - the last one read
+        pass
+    return last
+
+
+def _bad_byte_column(fields: list[str], header: CsvHeader) -> tuple[str | None, str | None]:
+    """The first column holding a NUL or a byte that is not UTF-8, and what it holds."""
+    for column, value in zip(header.columns, fields, strict=False):
+        if "\x00" in value:
+            return column, "nul"
+        bad = next((c for c in value if "\udc80" <= c <= "\udcff"), None)
+        if bad is not None:
+            return column, f"0x{ord(bad) - 0xDC00:02x}"
+    return None, None
 
 
 def copy_error(exc: Exception, *, path: Path, header: CsvHeader, file: str) -> CsvError | None:
@@ -198,9 +233,14 @@ def copy_error(exc: Exception, *, path: Path, header: CsvHeader, file: str) -> C
     match = _CONTEXT.search(exc.diag.context)
     if match is None:
         return None
-    line = record_line(path, header, int(match["line"]))
-    column = match["column"] or exc.diag.column_name
+    record = int(match["line"])
     message = (exc.diag.message_primary or str(exc)).strip()
+    if message == "unterminated CSV quoted field":
+        # COPY reads on to the end of the file looking for the closing quote.
+        line = _last_record_line(path, header)
+        return CsvError(_("a quoted field opened on this line is never closed"), file=file, line=line)
+    line, fields = _record(path, header, record)
+    column = match["column"] or exc.diag.column_name
     constraint = exc.diag.constraint_name
     if constraint in _CONSTRAINT_MESSAGES:
         column, lazy_message = _CONSTRAINT_MESSAGES[constraint]
@@ -216,5 +256,18 @@ def copy_error(exc: Exception, *, path: Path, header: CsvHeader, file: str) -> C
     elif isinstance(exc, psycopg.errors.InvalidTextRepresentation):
         message = _("is not a plain decimal number (%(detail)s)") % {"detail": message}
     elif isinstance(exc, psycopg.errors.CharacterNotInRepertoire):
-        message = _("is not valid UTF-8 (%(detail)s)") % {"detail": message}
+        # Raised before COPY splits the line into columns: find the column here.
+        column, bad = _bad_byte_column(fields, header)
+        if bad == "nul":
+            message = _("contains a NUL byte")
+        elif bad is not None:
+            message = _("is not valid UTF-8 (byte %(byte)s; save the file as UTF-8)") % {"byte": bad}
+        else:
+            message = _("is not valid UTF-8 (%(detail)s)") % {"detail": message}
+    elif message.startswith("missing data for column") and fields == []:
+        message, column = _("the line is empty (remove empty lines, also at the end of the file)"), None
+    elif message.startswith(("unquoted carriage return", "unquoted newline", "literal carriage return")):
+        message = _(
+            "its line ending differs from the first data line's (LF or CRLF: one kind throughout the file)"
+        )
     return CsvError(message, file=file, line=line, column=column)

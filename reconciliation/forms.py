@@ -82,6 +82,13 @@ class RollbackRequestForm(forms.Form):
     )
     confirmation = forms.CharField(label=_("Type the environment's name to confirm"), required=False)
 
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        # The hidden fields come from the preview; their own errors would not show on the page.
+        if any(name in self.errors for name in ("run_id", "digest")):
+            self.add_error(None, _("This request does not match a preview: preview the run again."))
+        return data
+
 
 class RestoreForm(forms.Form):
     # Checked against the environment's label by the service (reconciliation.restore).

@@ -142,7 +142,10 @@ def upsert_request(
         raise ValidationError(_("The batch size must be at least 1."))
     if not dry_run:
         _require_unused_run_id(env, run_id)
-    stored, sha256, size = upload_store(chunks)
+    try:
+        stored, sha256, size = upload_store(chunks)
+    except ValidationError as exc:  # too big, or the folder failed: say which file
+        raise ValidationError(f"{csv_name}: {' '.join(exc.messages)}") from None
     path = upload_path(stored)
     try:
         read_header(path, name=csv_name, max_bytes=settings.RECONCILIATION_MAX_CSV_BYTES)

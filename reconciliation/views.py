@@ -13,12 +13,12 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.utils.translation import gettext as _
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
-from django_tables2 import RequestConfig
 
 from billing_ops import access
 from billing_ops import selectors as job_selectors
 from billing_ops.environments import Environment, UnknownEnvironment, get_environment
 from billing_ops.models import Job, JobStatus
+from billing_ops.tables import page_number, table_configure
 from reconciliation import (
     artifacts,
     backups,
@@ -250,7 +250,7 @@ def upsert_runs(request: HttpRequest, env_key: str) -> HttpResponse:
     table = UpsertRunTable(
         selectors.with_rollbacks(UpsertRun.objects.filter(environment=env.key).select_related("requested_by"))
     )
-    RequestConfig(request, paginate={"per_page": RUNS_PER_PAGE}).configure(table)
+    table_configure(request, table, per_page=RUNS_PER_PAGE)
     return render(request, "reconciliation/upsert_runs.html", {"env": env, "table": table})
 
 
@@ -260,10 +260,7 @@ def upsert_audit_rows(request: HttpRequest, env_key: str, run_pk: int) -> HttpRe
     run = get_object_or_404(UpsertRun, pk=run_pk, environment=env.key)
     if run.dry_run:
         raise Http404("A dry run writes no audit rows.")
-    try:
-        page = max(1, int(request.GET.get("page", "1")))
-    except ValueError:
-        page = 1
+    page = page_number(request)
     rows, more = selectors.run_audit_rows(env, run.run_id, page=page)
     return render(
         request,
@@ -465,13 +462,6 @@ def upsert_job_detail_context(job: Job, user: Any) -> dict[str, Any]:
 # --- Rollback of a run (runbook §6.2) ---------------------------------------------------------------
 
 
-def _page(request: HttpRequest) -> int:
-    try:
-        return max(1, int(request.GET.get("page", "1")))
-    except ValueError:
-        return 1
-
-
 @require_http_methods(["GET", "POST"])
 def rollback_preview(request: HttpRequest, env_key: str) -> HttpResponse:
     """What rolling back a run would do, line by line; operators request it from here."""
@@ -506,7 +496,7 @@ def rollback_preview(request: HttpRequest, env_key: str) -> HttpResponse:
     context: dict[str, Any] = {"env": env, "run_id": run_id, "form": form, "can_request": can_request}
     if run_id:
         try:
-            preview = rollback.rollback_preview(env, run_id, page=_page(request))
+            preview = rollback.rollback_preview(env, run_id, page=page_number(request))
         except ValidationError as exc:
             context["error"] = " ".join(exc.messages)
         except DatabaseError as exc:
