@@ -27,13 +27,12 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-from django.conf import settings
 from django.core.cache import cache
 from psycopg.errors import QueryCanceled
 
-from billing_ops.environments import Environment, environment_connect
+from billing_ops.environments import Environment
 from billing_ops.selectors import describe_error, run_per_environment
-from locks.selectors import aware, lock_table_shape, overview_wait_s, run_problem
+from locks.selectors import aware, lock_table_shape, overview_connection, overview_wait_s, run_problem
 
 # Lock rows listed per environment; the total is always given.
 LOCK_ROWS_LIMIT = 100
@@ -220,6 +219,11 @@ class EnvironmentLookup:
         return list(runs.values())
 
     @property
+    def worth_a_card(self) -> bool:
+        """Something to show: results, an error, or the note on the entity_id scan."""
+        return self.found or not self.reachable or self.by_entity_id_scan
+
+    @property
     def by_entity_id_scan(self) -> bool:
         """The entity id was matched by scanning entity_id because some entity type's rows
         agree on no lock-key format (an empty lock.locks has nothing to learn or to scan)."""
@@ -242,12 +246,12 @@ class LockLookup:
     @property
     def shown(self) -> list[EnvironmentLookup]:
         """Environments with something to show: results, an error, or a note on the scan."""
-        return [e for e in self.environments if e.found or not e.reachable or e.by_entity_id_scan]
+        return [e for e in self.environments if e.worth_a_card]
 
     @property
     def empty(self) -> list[EnvironmentLookup]:
         """Environments that answered and hold nothing of it (listed on one line)."""
-        return [e for e in self.environments if e not in self.shown]
+        return [e for e in self.environments if not e.worth_a_card]
 
 
 def lookup_query_clean(query: str) -> str:
@@ -301,8 +305,7 @@ def lock_lookup_in(env: Environment, query: str) -> EnvironmentLookup:
     if not query:
         return EnvironmentLookup(env)
     run_id = int(query) if RUN_ID_RE.fullmatch(query) else None
-    with environment_connect(env, autocommit=True) as conn:
-        conn.execute(f"SET statement_timeout = {int(settings.OVERVIEW_STATEMENT_TIMEOUT_MS):d}")
+    with overview_connection(env) as conn:
         conn.execute("SET default_transaction_read_only = on")
         with conn.cursor() as cursor:
             shape = lock_table_shape(cursor)
@@ -313,14 +316,8 @@ def lock_lookup_in(env: Environment, query: str) -> EnvironmentLookup:
                 params["keys"] = [query, *formats.keys_for(query)]
             else:
                 where = "(l.lock_key = %(query)s OR l.entity_id = %(query)s)"
-            cursor.execute(
-                LOCKS_SQL.format(
-                    created="l.create_date" if shape.has_create_date else "NULL::timestamp",
-                    holder=f'l."{shape.holder_column}"::text' if shape.holder_column else "NULL::text",
-                    where=where,
-                ),
-                params,
-            )
+            created, holder = shape.create_date_sql("l"), shape.holder_sql("l")
+            cursor.execute(LOCKS_SQL.format(created=created, holder=holder, where=where), params)
             rows = cursor.fetchall()
             locks = [
                 FoundLock(

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from typing import Any
@@ -75,6 +77,16 @@ class LockTableShape:
     has_create_date: bool
     holder_column: str | None
     billing_id_indexed: bool
+
+    def holder_sql(self, table: str = "") -> str:
+        """The holder column as text, or NULL where there is none (a name from HOLDER_COLUMNS)."""
+        prefix = f"{table}." if table else ""
+        return f'{prefix}"{self.holder_column}"::text' if self.holder_column else "NULL::text"
+
+    def create_date_sql(self, table: str = "") -> str:
+        """create_date, or NULL where the platform's lock.locks has none."""
+        prefix = f"{table}." if table else ""
+        return f"{prefix}create_date" if self.has_create_date else "NULL::timestamp"
 
 
 def lock_table_shape(cursor: Any) -> LockTableShape:
@@ -219,7 +231,8 @@ def lock_figures_from(env: Environment, cursor: Any) -> LockFigures:
     shape = lock_table_shape(cursor)
     statuses = billing_status_labels(cursor)
     procedure = procedure_health_from(cursor)
-    sql = FIGURES_SQL.format(oldest_lock="min(l.create_date)" if shape.has_create_date else "NULL::timestamp")
+    oldest_lock = f"min({shape.create_date_sql('l')})"
+    sql = FIGURES_SQL.format(oldest_lock=oldest_lock)
     cursor.execute(
         sql,
         {
@@ -249,12 +262,19 @@ def lock_figures_from(env: Environment, cursor: Any) -> LockFigures:
     )
 
 
-def lock_figures(env: Environment) -> LockFigures:
-    """The figures on a connection of their own, within the overview's time budget."""
+@contextmanager
+def overview_connection(env: Environment) -> Iterator[Any]:
+    """A connection of its own (for a thread of run_per_environment), its statements bound
+    by the overview's statement timeout: the overview's figures and the lock lookup."""
     with environment_connect(env, autocommit=True) as conn:
         conn.execute(f"SET statement_timeout = {int(settings.OVERVIEW_STATEMENT_TIMEOUT_MS):d}")
-        with conn.cursor() as cursor:
-            return lock_figures_from(env, cursor)
+        yield conn
+
+
+def lock_figures(env: Environment) -> LockFigures:
+    """The figures within the overview's time budget."""
+    with overview_connection(env) as conn, conn.cursor() as cursor:
+        return lock_figures_from(env, cursor)
 
 
 # --- Verdicts -----------------------------------------------------------------------------------
@@ -400,8 +420,9 @@ def _runs_with_locks(
         params["min_locks"] = filters.min_locks
     with connections[env.alias].cursor() as cursor:
         shape = lock_table_shape(cursor)
+        oldest_lock = f"min({shape.create_date_sql('l')})"
         sql = RUNS_WITH_LOCKS_SQL.format(
-            oldest_lock="min(l.create_date)" if shape.has_create_date else "NULL::timestamp",
+            oldest_lock=oldest_lock,
             join="INNER JOIN" if require_locks else "LEFT JOIN",
             lock_filters=("AND " + " AND ".join(lock_filters)) if lock_filters else "",
             run_filters=" AND ".join(run_filters),
@@ -497,7 +518,7 @@ def run_locks_summary(env: Environment, run_id: int) -> RunLocks:
     """One run's locks grouped by entity type and system/user lock."""
     with connections[env.alias].cursor() as cursor:
         shape = lock_table_shape(cursor)
-        dates = "min(create_date), max(create_date)" if shape.has_create_date else "NULL::timestamp, NULL"
+        dates = f"min({shape.create_date_sql()}), max({shape.create_date_sql()})"
         cursor.execute(
             f"SELECT entity_type, system_lock, count(*), {dates} FROM lock.locks "
             "WHERE billing_id = %s GROUP BY entity_type, system_lock ORDER BY entity_type, system_lock DESC",
@@ -551,8 +572,8 @@ def locks_without_run(env: Environment) -> tuple[list[OrphanLockGroup], LockTabl
     and the holder column where the platform has one)."""
     with connections[env.alias].cursor() as cursor:
         shape = lock_table_shape(cursor)
-        holder = f'"{shape.holder_column}"::text' if shape.holder_column else "NULL::text"
-        oldest = "min(create_date)" if shape.has_create_date else "NULL::timestamp"
+        holder = shape.holder_sql()
+        oldest = f"min({shape.create_date_sql()})"
         cursor.execute(
             f"SELECT entity_type, system_lock, {holder} AS holder, count(*), {oldest} FROM lock.locks "
             "WHERE billing_id IS NULL GROUP BY 1, 2, 3 ORDER BY 4 DESC, 1, 2, 3"
