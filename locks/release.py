@@ -17,9 +17,8 @@ that an ops team can trust it with production:
    deleted by one TID range scan (if the run is still eligible, checked ``FOR SHARE`` in the
    same statement), and kept deleted only if the deleted rows have exactly the preview's
    count and fingerprint. Otherwise that is rolled back and the batch is compared row by
-   row with the plan: only
-   rows still exactly as previewed are deleted; rows that appeared since were never in the
-   plan; rows that changed are left alone and reported. Progress is per batch; a cancel
+   row with the plan: only rows still exactly as previewed are deleted; rows that appeared
+   since were never in the plan; rows that changed are left alone and reported. Progress is per batch; a cancel
    takes effect between batches; a session advisory lock per run keeps any other process
    using this code off the same run.
 4. **Resume**: a batch is marked ``deleting`` before its transaction and ``done`` after;
@@ -419,8 +418,9 @@ WITH run AS (
     FOR SHARE
 )"""
 
-# One round trip per batch: the run is locked FOR SHARE and must still be eligible (else
-# nothing is deleted), and only rows still exactly as previewed go. The batch's rows come
+# The exact path, for a batch the fast path rolled back: the run is locked FOR SHARE and
+# must still be eligible (else nothing is deleted), and only rows still exactly as
+# previewed go. The batch's rows come
 # from release_rows, a temporary table the job loads once from the plan.
 DELETE_BATCH_SQL = (
     ELIGIBLE_RUN_CTE
@@ -623,8 +623,6 @@ def _release_batch(
         "stale": timedelta(minutes=settings.STALE_RUN_AFTER_MIN),
         "first": f"({batch.first_block},{batch.first_line})",
         "last": f"({batch.last_block},{batch.last_line})",
-        "size": batch.size,
-        "digest": batch.digest,
     }
     fast_sql = FAST_DELETE_SQL.format(
         system_only="AND l.system_lock" if progress.plan.system_only else "",
@@ -638,6 +636,8 @@ def _release_batch(
         by_type = {entity_type: int(n) for entity_type, n, _digest in rows}
         digest = str(sum(int(d) for _type, _n, d in rows))  # the sum of the groups' sums
         if sum(by_type.values()) != batch.size or digest != batch.digest:
+            if not rows:  # a run no longer eligible stops here, before the plan is loaded
+                _check_still_eligible(conn, env, batch.billing_id, labels)
             raise _NotAsPreviewed  # rolls back whatever this statement deleted
         return by_type
 

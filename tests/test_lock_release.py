@@ -118,15 +118,16 @@ def test_a_lock_whose_values_changed_in_place_is_left_alone(operator, env_with_r
     assert job.result["released"] == 34 and job.result["gone"] == 1
 
 
+@pytest.mark.parametrize("system_only", [False, True])
 @pytest.mark.parametrize("fingerprint_differs", [False, True])
 def test_a_batch_whose_deleted_rows_do_not_match_the_preview_fingerprint_is_undone_and_compared_row_by_row(
-    operator, env_with_runs, monkeypatch, fingerprint_differs
+    operator, env_with_runs, monkeypatch, fingerprint_differs, system_only
 ) -> None:
     # Where a changed row's new version lands in the heap is up to PostgreSQL, so the
     # fingerprint check is proven directly: the preview's fingerprint is made to differ from
     # the rows (which match the plan), and the batch must take the exact path.
     env = env_with_runs
-    plan = release.release_plan_prepare(actor=operator, env=env, run_ids=[1], system_only=False)
+    plan = release.release_plan_prepare(actor=operator, env=env, run_ids=[1], system_only=system_only)
     if fingerprint_differs:
         LockReleaseBatch.objects.filter(plan=plan).update(digest="12345")
     exact_path: list[int] = []
@@ -135,7 +136,8 @@ def test_a_batch_whose_deleted_rows_do_not_match_the_preview_fingerprint_is_undo
     job = release.release_request(actor=operator, plan_id=plan.pk, digest=plan.digest)
     services.job_execute(job_id=job.pk, worker="test")
     job.refresh_from_db()
-    assert lock_ids(env, "billing_id = 1") == set() and job.result["released"] == 35
+    left = lock_ids(env, "billing_id = 1 AND NOT system_lock") if system_only else set()
+    assert lock_ids(env, "billing_id = 1") == left and job.result["released"] == 35 - len(left)
     assert exact_path == ([1] if fingerprint_differs else [])
 
 
