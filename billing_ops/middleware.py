@@ -12,14 +12,16 @@ from __future__ import annotations
 from typing import Any
 
 import psycopg
-from django.db import DatabaseError, connections
+from django.db import InterfaceError, OperationalError, connections
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
 
 from billing_ops import selectors
 from billing_ops.environments import get_environment
 
-UNAVAILABLE_ERRORS = (DatabaseError, psycopg.OperationalError)
+# A server down, refusing us or cancelling our statement; not a bug in a query (those stay
+# 500s and are logged).
+UNAVAILABLE_ERRORS = (OperationalError, InterfaceError, psycopg.OperationalError, psycopg.InterfaceError)
 
 
 class EnvironmentUnavailableMiddleware:
