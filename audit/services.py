@@ -61,7 +61,6 @@ SYSTEM_WORKER = "system:worker"
 SYSTEM_SWEEPER = "system:sweeper"
 ANONYMOUS_ACTOR = "anonymous"
 
-# "job.requested", "locks.released", "auth.login_failed": dotted lower-case words.
 # PostgreSQL text and jsonb cannot hold NUL; it is replaced, never refused (a login
 # attempt must be recorded whatever bytes it carried).
 NUL = "\x00"

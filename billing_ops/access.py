@@ -9,6 +9,7 @@ Roles are Django groups carrying three permissions:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from typing import Any
@@ -17,6 +18,7 @@ import redis
 from django.conf import settings
 from django.core.exceptions import PermissionDenied
 from django.http import Http404
+from django.utils.http import url_has_allowed_host_and_scheme
 from django.utils.translation import gettext as _
 
 from billing_ops.environments import Environment, UnknownEnvironment, get_environment
@@ -82,6 +84,7 @@ def record_login_failure(
     sender: Any, credentials: dict[str, Any], request: Any = None, **kwargs: Any
 ) -> None:
     """A failed login goes into the audit trail: who was tried, and from where."""
+    from audit.models import AuditAction
     from audit.services import ANONYMOUS_ACTOR, audit_record
 
     remote = request.META.get("REMOTE_ADDR", "") if request is not None else ""
@@ -89,10 +92,21 @@ def record_login_failure(
     # Django has already replaced the password in `credentials`; keep only the name.
     audit_record(
         actor=ANONYMOUS_ACTOR,
-        action="auth.login_failed",
+        action=AuditAction.LOGIN_FAILED,
         params={"username": username, "remote_addr": remote},
     )
     login_failure_count(username, remote)
+
+
+def local_path(request: Any, target: str, default: str) -> str:
+    """``target`` when it is a path on this site, else ``default``: a form's "back to" or
+    "next" field. redirect() would read a bare word such as "nope" as a view name (a 500),
+    and another site must never be where a form of ours sends the user."""
+    if target.startswith("/") and url_has_allowed_host_and_scheme(
+        target, allowed_hosts={request.get_host()}, require_https=request.is_secure()
+    ):
+        return target
+    return default
 
 
 # --- Sign-in throttling ----------------------------------------------------------------------
@@ -103,19 +117,22 @@ def record_login_failure(
 
 
 def _redis() -> redis.Redis:
-    return redis.Redis.from_url(settings.REDIS_URL, socket_connect_timeout=1, socket_timeout=1)
+    return _redis_for(settings.REDIS_URL)
 
 
-def _login_counters(username: str, remote_addr: str) -> list[tuple[str, int]]:
+@functools.lru_cache(maxsize=4)
+def _redis_for(url: str) -> redis.Redis:
+    """One client (and connection pool) per URL, not a new one per sign-in attempt."""
+    return redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
+
+
+def _login_counters(username: str, remote_addr: str) -> list[tuple[str, str, int]]:
+    """(what it counts by, its Redis key, its limit) for each counter of this attempt."""
     name = hashlib.sha256(username.strip().casefold().encode("utf-8", "replace")).hexdigest()
-    counters = [(f"{settings.LOGIN_FAILURE_KEY_PREFIX}user:{name}", settings.LOGIN_FAILURE_LIMIT)]
+    prefix = settings.LOGIN_FAILURE_KEY_PREFIX
+    counters = [("user", f"{prefix}user:{name}", settings.LOGIN_FAILURE_LIMIT)]
     if remote_addr and settings.LOGIN_FAILURE_LIMIT_PER_ADDRESS:
-        counters.append(
-            (
-                f"{settings.LOGIN_FAILURE_KEY_PREFIX}addr:{remote_addr}",
-                settings.LOGIN_FAILURE_LIMIT_PER_ADDRESS,
-            )
-        )
+        counters.append(("address", f"{prefix}addr:{remote_addr}", settings.LOGIN_FAILURE_LIMIT_PER_ADDRESS))
     return counters
 
 
@@ -124,7 +141,7 @@ def login_locked_for(username: str, remote_addr: str) -> int:
     wait = 0
     try:
         client = _redis()
-        for key, limit in _login_counters(username, remote_addr):
+        for _by, key, limit in _login_counters(username, remote_addr):
             if int(client.get(key) or 0) >= limit:
                 wait = max(wait, int(client.ttl(key)), 1)
     except redis.RedisError as exc:
@@ -135,22 +152,23 @@ def login_locked_for(username: str, remote_addr: str) -> int:
 
 def login_failure_count(username: str, remote_addr: str) -> None:
     """Count one failed sign-in; the failure that reaches a limit is audited as a lockout."""
+    from audit.models import AuditAction
     from audit.services import ANONYMOUS_ACTOR, audit_record
 
     try:
         client = _redis()
-        for key, limit in _login_counters(username, remote_addr):
+        for by, key, limit in _login_counters(username, remote_addr):
             count = int(client.incr(key))
             if count == 1 or client.ttl(key) < 0:
                 client.expire(key, settings.LOGIN_FAILURE_WINDOW_S)
             if count == limit:
                 audit_record(
                     actor=ANONYMOUS_ACTOR,
-                    action="auth.login_throttled",
+                    action=AuditAction.LOGIN_THROTTLED,
                     params={
                         "username": username,
                         "remote_addr": remote_addr,
-                        "by": "user" if ":user:" in key else "address",
+                        "by": by,
                         "failures": limit,
                         "window_s": settings.LOGIN_FAILURE_WINDOW_S,
                     },
@@ -162,6 +180,6 @@ def login_failure_count(username: str, remote_addr: str) -> None:
 def login_failures_forget(username: str) -> None:
     """A successful sign-in clears its user name's count (not the address's)."""
     try:
-        _redis().delete(_login_counters(username, "")[0][0])
+        _redis().delete(_login_counters(username, "")[0][1])
     except redis.RedisError as exc:
         logger.warning("sign-in throttling unavailable (Redis: %s)", type(exc).__name__)

@@ -69,6 +69,5 @@ class LanguageForm(forms.Form):
     language = forms.ChoiceField(label=_("Language"), choices=language_choices)
 
 
-class PreferenceForm(forms.Form):
-    language = forms.ChoiceField(label=_("Language"), choices=language_choices)
+class PreferenceForm(LanguageForm):
     time_zone = forms.ChoiceField(label=_("Display time zone"), choices=time_zone_choices, required=False)

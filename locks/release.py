@@ -18,9 +18,9 @@ that an ops team can trust it with production:
    same statement), and kept deleted only if the deleted rows have exactly the preview's
    count and fingerprint. Otherwise that is rolled back and the batch is compared row by
    row with the plan: only rows still exactly as previewed are deleted; rows that appeared
-   since were never in the plan; rows that changed are left alone and reported. Progress is per batch; a cancel
-   takes effect between batches; a session advisory lock per run keeps any other process
-   using this code off the same run.
+   since were never in the plan; rows that changed are left alone and reported. Progress
+   is per batch; a cancel takes effect between batches; a session advisory lock per run
+   keeps any other process using this code off the same run.
 4. **Resume**: a batch is marked ``deleting`` before its transaction and ``done`` after;
    after a worker died, the job (re-queued by the sweeper, or run again) continues with
    the batches not ``done``. A batch left ``deleting`` is deleted again: what is still

@@ -17,7 +17,6 @@ from django.http import Http404, HttpRequest, HttpResponse, QueryDict
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.utils import timezone
-from django.utils.http import url_has_allowed_host_and_scheme
 from django.utils.translation import gettext as _
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
@@ -287,11 +286,9 @@ def release_preview(request: HttpRequest, env_key: str) -> HttpResponse:
     access.require_operator(request.user)
     env = access.get_environment_for_user(request.user, env_key)
     form = ReleasePreviewForm(request.POST)
-    back = request.POST.get("back") or reverse("stuck_runs", kwargs={"env_key": env.key})
-    # A path of this site only: redirect() would read "nope" as a view name (a 500).
-    local = back.startswith("/") and url_has_allowed_host_and_scheme(back, allowed_hosts={request.get_host()})
-    if not local:
-        back = reverse("stuck_runs", kwargs={"env_key": env.key})
+    back = access.local_path(
+        request, request.POST.get("back", ""), reverse("stuck_runs", kwargs={"env_key": env.key})
+    )
     if not form.is_valid():
         messages.error(request, _("Choose the runs and which locks to release."))
         return redirect(back)

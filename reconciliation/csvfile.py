@@ -30,6 +30,7 @@ from __future__ import annotations
 import csv
 import io
 import re
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,11 +189,6 @@ def _records(path: Path, header: CsvHeader) -> Iterator[tuple[int, list[str]]]:
             line = 2 + reader.line_num
 
 
-def record_line(path: Path, header: CsvHeader, record: int) -> int:
-    """The file line on which data record ``record`` (1-based) starts."""
-    return _record(path, header, record)[0]
-
-
 def _record(path: Path, header: CsvHeader, record: int) -> tuple[int, list[str]]:
     """Data record ``record``'s first line and its fields (the last record's if the file ends first)."""
     found: tuple[int, list[str]] = (2, [])
@@ -200,14 +196,6 @@ def _record(path: Path, header: CsvHeader, record: int) -> tuple[int, list[str]]
         if number == record:
             break
     return found
-
-
-def _last_record_line(path: Path, header: CsvHeader) -> int:
-    """The line where the file's last record starts (where a quote left open begins)."""
-    last = 2
-    for last, _fields in _records(path, header):  # noqa: B007 - the last one read
-        pass
-    return last
 
 
 def _bad_byte_column(fields: list[str], header: CsvHeader) -> tuple[str | None, str | None]:
@@ -236,8 +224,9 @@ def copy_error(exc: Exception, *, path: Path, header: CsvHeader, file: str) -> C
     record = int(match["line"])
     message = (exc.diag.message_primary or str(exc)).strip()
     if message == "unterminated CSV quoted field":
-        # COPY reads on to the end of the file looking for the closing quote.
-        line = _last_record_line(path, header)
+        # COPY reads on to the end of the file looking for the closing quote: the quote
+        # opens on the last record's line.
+        line, _fields = _record(path, header, sys.maxsize)
         return CsvError(_("a quoted field opened on this line is never closed"), file=file, line=line)
     line, fields = _record(path, header, record)
     column = match["column"] or exc.diag.column_name
