@@ -43,3 +43,34 @@ def test_the_dashboards_own_pages_keep_working_meanwhile(protected_env, client_f
         client = client_for(viewer)
         for url in ("/jobs/", "/audit/", "/alerts/", "/notifications/", "/"):
             assert client.get(url).status_code == 200, url
+
+
+def test_a_bug_in_an_environment_query_is_not_passed_off_as_an_outage(
+    protected_env, client_for, viewer, monkeypatch
+) -> None:
+    from django.db import ProgrammingError
+
+    from locks import selectors
+
+    def broken(*args, **kwargs):
+        raise ProgrammingError('column "nope" does not exist')
+
+    monkeypatch.setattr(selectors, "stuck_runs", broken)
+    client = client_for(viewer)
+    client.raise_request_exception = False
+    response = client.get(reverse("stuck_runs", kwargs={"env_key": protected_env.key}))
+    assert response.status_code == 500
+
+
+def test_with_the_dashboards_own_database_down_an_environment_is_not_blamed(
+    protected_env, client_for, viewer, settings, monkeypatch
+) -> None:
+    from billing_ops import middleware
+
+    monkeypatch.setattr(middleware, "_dashboard_database_up", lambda: False)
+    down_url = f"postgresql://ops:{PASSWORD}@127.0.0.1:{free_port_for_tests()}/phoenix"
+    with with_password(protected_env, down_url, settings) as env:
+        client = client_for(viewer)
+        client.raise_request_exception = False
+        response = client.get(reverse("stuck_runs", kwargs={"env_key": env.key}))
+    assert response.status_code == 500

@@ -347,5 +347,8 @@ def test_the_outbox_page_lists_messages_without_any_webhook_secret(settings, vie
     for secret in ("s3cret", "token=abc", "bot:pw", SECRET_PATH):
         assert secret not in page
 
+    notify(subject="Dev: stuck locks", body="b", source="alert:12")  # not a job: no link
+    assert 'href="/jobs/12/"' not in client_for(viewer).get("/notifications/").content.decode()
+
     sent_only = client_for(viewer).get("/notifications/?status=sent").content.decode()
     assert "ops@example.com" in sent_only and "hooks.example.com" not in sent_only
