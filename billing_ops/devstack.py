@@ -57,7 +57,11 @@ def free_port() -> int:
 
 
 def port_is_free(port: int) -> bool:
+    """Whether a server could listen on ``port`` now. SO_REUSEADDR, as PostgreSQL and Redis
+    set it: connections of a stopped server lingering in TIME_WAIT do not make a restarted
+    one move to another port (and away from the URL its clients were given)."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:

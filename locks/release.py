@@ -687,7 +687,20 @@ def _with_lock_retries(
                 return work()
         except psycopg.errors.LockNotAvailable:
             if attempt == LOCK_TIMEOUT_RETRIES:
-                raise
+                raise JobRefused(
+                    _(
+                        "Batch %(n)s of run %(run)s waited over %(ms)s ms for a lock %(tries)s times; "
+                        "stopped there. That batch deleted nothing; the batches before it stay released. "
+                        "Find the session holding locks on lock.locks, then preview again to release "
+                        "the rest."
+                    )
+                    % {
+                        "n": batch.batch_no + 1,
+                        "run": batch.billing_id,
+                        "ms": LOCK_TIMEOUT_MS,
+                        "tries": LOCK_TIMEOUT_RETRIES + 1,
+                    }
+                ) from None
             ctx.log(
                 _("Batch %(n)s of run %(run)s waited over %(ms)s ms for a lock; retrying.")
                 % {"n": batch.batch_no + 1, "run": batch.billing_id, "ms": LOCK_TIMEOUT_MS},

@@ -8,6 +8,7 @@ and the stored file is removed once the job has settled, however it ended.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -53,13 +54,13 @@ def upload_store(chunks: Iterable[bytes]) -> tuple[str, str, int]:
     """Write an uploaded file under UPLOAD_DIR with a random name, enforcing the size limit
     while it arrives. Returns (stored name, sha256, size); nothing is left on error."""
     folder = Path(settings.UPLOAD_DIR)
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     name = f"{secrets.token_hex(16)}.csv"
     path = folder / name
     digest = hashlib.sha256()
     size = 0
     limit = settings.RECONCILIATION_MAX_CSV_BYTES
     try:
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         with path.open("xb") as f:
             os.chmod(path, 0o600)
             for chunk in chunks:
@@ -70,8 +71,10 @@ def upload_store(chunks: Iterable[bytes]) -> tuple[str, str, int]:
                     )
                 digest.update(chunk)
                 f.write(chunk)
-    except OSError as exc:
-        path.unlink(missing_ok=True)
+    except OSError as exc:  # a full disk, a folder that cannot be made or written
+        logger.error("could not store an upload in %s: %s", folder, exc)
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
         raise ValidationError(
             _("The upload could not be stored: %(error)s") % {"error": exc.strerror}
         ) from None
@@ -241,8 +244,8 @@ def run_upsert(*, connect: Any, run: UpsertRun, csv_path: Path, report: Any) -> 
         _run_failed(run, str(exc), started)
         report.log(f"[batch_upsert] ROLLBACK: {exc}. Nothing was committed.")
         raise JobRefused(f"{exc}. Nothing was committed.") from None
-    except BaseException as exc:
-        _run_failed(run, f"{type(exc).__name__}: {exc}", started)
+    except BaseException as exc:  # a cancel, a dropped connection, a bug: its transaction rolled back
+        _run_failed(run, f"{type(exc).__name__}: {exc}. Nothing was committed.", started)
         report.log(f"[batch_upsert] ROLLBACK: {type(exc).__name__}: {exc}. Nothing was committed.")
         raise
     UpsertRun.objects.filter(pk=run.pk).update(

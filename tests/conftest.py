@@ -323,20 +323,25 @@ def blackhole_port() -> Iterator[int]:
 
 
 @contextlib.contextmanager
-def broker_unreachable() -> Iterator[None]:
-    """Point this process's Celery app at a port where nothing listens, as if Redis were
-    down; afterwards, back to the real broker with fresh connection pools (Celery creates
-    its producer pool lazily, and one made meanwhile would keep the dead address)."""
+def broker_at(url: str) -> Iterator[None]:
+    """Point this process's Celery app at another broker; afterwards, back to the real one
+    with fresh connection pools (Celery creates its producer pool lazily, and one made
+    meanwhile would keep the other address)."""
     from billing_ops.celery import app as celery_app
 
     real = celery_app.conf["CELERY_BROKER_URL"]
-    celery_app.conf["CELERY_BROKER_URL"] = f"redis://127.0.0.1:{free_port_for_tests()}/0"
+    celery_app.conf["CELERY_BROKER_URL"] = url
     _reset_celery_pools(celery_app)
     try:
         yield
     finally:
         celery_app.conf["CELERY_BROKER_URL"] = real
         _reset_celery_pools(celery_app)
+
+
+def broker_unreachable() -> contextlib.AbstractContextManager[None]:
+    """A broker on a port where nothing listens, as if Redis were down."""
+    return broker_at(f"redis://127.0.0.1:{free_port_for_tests()}/0")
 
 
 def _reset_celery_pools(celery_app: Any) -> None:
