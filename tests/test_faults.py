@@ -128,8 +128,8 @@ def test_a_worker_killed_inside_an_upsert_commits_nothing_and_the_job_says_so(
     assert not upload_path(job.params["upload"]).exists()
     page = client_for(people["viewer"]).get(reverse("job_detail", args=[job.pk])).content.decode()
     assert "stopped responding" in page and "nothing was committed" in page
-    # The run id is free for the retry the note asks for: the run wrote no audit row.
-    outcome = run(env, path, run_id="killed-1")
+    # The retry the note asks for (a new run id) finds the data as it was before the kill.
+    outcome = run(env, path, run_id="killed-2")
     assert (outcome.inserted, outcome.updated) == (299, 1)
 
 
