@@ -32,8 +32,10 @@ from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import IntegrityError, connections, transaction
 from django.db.models import F, Q
 from django.utils import timezone
+from django.utils.functional import Promise
 from django.utils.module_loading import import_string
 from django.utils.translation import gettext as _
+from django.utils.translation import gettext_lazy
 
 from audit.services import SYSTEM_SWEEPER, SYSTEM_WORKER, audit_record
 from billing_ops import access
@@ -83,6 +85,14 @@ def job_log(job_id: int, message: str, *, level: str = "info") -> None:
     JobLogLine.objects.create(job_id=job_id, message=message, level=level)
 
 
+def _log_in_deployment_language(job_id: int, message: Promise, actor: Actor, comment: str = "") -> None:
+    """A log line a user's request writes (requested, approved, cancelled...): stored in the
+    deployment's language whoever made the request, as the job's own lines are (job_execute)."""
+    with deployment_language():
+        text = str(message) % {"user": actor.get_username()}
+    job_log(job_id, text + (f" {comment}" if comment else ""))
+
+
 # --- Requests and decisions ------------------------------------------------------------
 
 
@@ -120,8 +130,7 @@ def job_request(
             requested_by=user_of(actor),
         )
         _claims_take(job, claims)
-        with deployment_language():
-            job_log(job.pk, _("Requested by %(user)s.") % {"user": actor.get_username()})
+        _log_in_deployment_language(job.pk, gettext_lazy("Requested by %(user)s."), actor)
         audit_record(
             actor=actor,
             action="job.requested",
@@ -134,13 +143,13 @@ def job_request(
         if status == JobStatus.QUEUED:
             transaction.on_commit(lambda: job_dispatch(job_id=job.pk))
         else:
-            with deployment_language():
-                job_log(
-                    job.pk,
-                    _("Waiting for an approver (this kind of job always needs one).")
-                    if job_kind.always_needs_approval
-                    else _("Waiting for an approver (protected environment)."),
-                )
+            _log_in_deployment_language(
+                job.pk,
+                gettext_lazy("Waiting for an approver (this kind of job always needs one).")
+                if job_kind.always_needs_approval
+                else gettext_lazy("Waiting for an approver (protected environment)."),
+                actor,
+            )
     return job
 
 
@@ -204,12 +213,7 @@ def job_approve(*, actor: Actor, job_id: int, digest: str, comment: str = "") ->
         job.save(
             update_fields=["status", "approved_by", "approved_at", "approved_digest", "decision_comment"]
         )
-        with deployment_language():
-            job_log(
-                job.pk,
-                _("Approved by %(user)s.") % {"user": actor.get_username()}
-                + (f" {comment}" if comment else ""),
-            )
+        _log_in_deployment_language(job.pk, gettext_lazy("Approved by %(user)s."), actor, comment)
         audit_record(
             actor=actor,
             action="job.approved",
@@ -242,12 +246,7 @@ def job_refuse(*, actor: Actor, job_id: int, comment: str = "") -> Job:
             params={"kind": job.kind, "comment": comment},
             outcome={"status": job.status},
         )
-        with deployment_language():
-            job_log(
-                job.pk,
-                _("Refused by %(user)s.") % {"user": actor.get_username()}
-                + (f" {comment}" if comment else ""),
-            )
+        _log_in_deployment_language(job.pk, gettext_lazy("Refused by %(user)s."), actor, comment)
         transaction.on_commit(lambda: _kind_settled(job))
     return job
 
@@ -264,20 +263,18 @@ def job_cancel(*, actor: Actor, job_id: int) -> Job:
             job.finished_at = timezone.now()
             job.save(update_fields=["status", "finished_at"])
             _claims_release(job.pk)
-            with deployment_language():
-                job_log(
-                    job.pk, _("Cancelled by %(user)s before it started.") % {"user": actor.get_username()}
-                )
+            _log_in_deployment_language(
+                job.pk, gettext_lazy("Cancelled by %(user)s before it started."), actor
+            )
             transaction.on_commit(lambda: _kind_settled(job))
         elif job.status == JobStatus.RUNNING:
             job.cancel_requested = True
             job.save(update_fields=["cancel_requested"])
-            with deployment_language():
-                job_log(
-                    job.pk,
-                    _("Cancel requested by %(user)s; the job stops at its next safe point.")
-                    % {"user": actor.get_username()},
-                )
+            _log_in_deployment_language(
+                job.pk,
+                gettext_lazy("Cancel requested by %(user)s; the job stops at its next safe point."),
+                actor,
+            )
         else:
             raise ValidationError(_("Job #%(id)s has already finished.") % {"id": job.pk})
         audit_record(

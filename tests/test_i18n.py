@@ -476,6 +476,12 @@ def test_texts_stored_for_everyone_are_in_the_deployments_language(
     assert messages[0] == "Requested by ka-operator."
     assert not any(GEORGIAN.search(message) for message in messages)
 
+    # Cancelled by the Georgian reader: the line for everyone is in English too.
+    second = Job.objects.create(kind="environment_check", environment=unprotected_env.key, requested_by=user)
+    client.post(reverse("job_cancel", args=[second.pk]))
+    cancelled = [line.message for line in second.log_lines.all()]
+    assert cancelled == ["Cancelled by ka-operator before it started."]
+
 
 def test_durations_are_written_in_the_active_language() -> None:
     # Django's own ka catalogue lacks timesince's messages; ours carries them.
