@@ -11,6 +11,7 @@ from django.utils.translation import gettext_lazy as _
 
 from audit.models import AuditEntry
 from billing_ops.environments import environment_label
+from billing_ops.formats import grouped
 from billing_ops.models import Job
 
 AUDIT_ENTRIES_PER_PAGE = 50
@@ -163,13 +164,13 @@ class ChainVerificationTable(tables.Table):
         return format_html('<strong class="bad" data-intact="no">{}</strong>', _("DAMAGED"))
 
     def render_entries(self, value: int) -> str:
-        return f"{value:,}"
+        return grouped(value)
 
     def render_linkage_only(self, value: int) -> str:
-        return f"{value:,}"
+        return grouped(value)
 
     def render_rows_per_s(self, value: int) -> str:
-        return f"{value:,}"
+        return grouped(value)
 
     def render_first_broken(self, value: dict[str, Any]) -> SafeString:
         return format_html("#{}", value["entry_id"])

@@ -148,7 +148,7 @@ def chain_verify_execute(ctx: JobContext) -> dict[str, Any]:
 
         def progress(rows: int) -> None:
             ctx.check_cancel()
-            ctx.progress(rows, max(total or 0, rows) or None, _("%(n)s entries read") % {"n": f"{rows:,}"})
+            ctx.progress(rows, max(total or 0, rows) or None, _("%(n)s entries read") % {"n": grouped(rows)})
 
         report = environment_chain_verify(env=env, progress=progress)
     duration_s = time.monotonic() - started

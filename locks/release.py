@@ -49,6 +49,7 @@ from psycopg import sql
 
 from billing_ops import access
 from billing_ops.environments import Environment, environment_connect, get_environment
+from billing_ops.formats import grouped
 from billing_ops.models import Job, JobStatus
 from billing_ops.selectors import billing_status_labels
 from billing_ops.services import Actor, JobContext, JobRefused, job_request
@@ -512,7 +513,7 @@ def lock_release_execute(ctx: JobContext) -> dict[str, Any]:
     ctx.progress(progress.done, plan.lock_count, _("Starting"))
     if released_before:
         ctx.log(
-            _("Resuming: %(n)s locks were released by an earlier attempt.") % {"n": f"{released_before:,}"}
+            _("Resuming: %(n)s locks were released by an earlier attempt.") % {"n": grouped(released_before)}
         )
     with environment_connect(env, autocommit=True) as conn:
         labels = billing_status_labels(conn.cursor())
@@ -877,7 +878,7 @@ def release_settled(job: Job) -> None:
         _("Environment: %(env)s") % {"env": env.label},
         _("Runs: %(runs)s") % {"runs": ", ".join(str(r) for r in job.params.get("runs", []))},
         _("Locks released: %(n)s of %(planned)s planned")
-        % {"n": f"{result.get('released', 0):,}", "planned": f"{job.params.get('lock_count', 0):,}"},
+        % {"n": grouped(result.get("released", 0)), "planned": grouped(job.params.get("lock_count", 0))},
         _("Duration: %(s).1f s") % {"s": duration},
         _("Requested by %(who)s, approved by %(approver)s") % {"who": who, "approver": approver},
     ]
@@ -963,6 +964,10 @@ def restore_request(*, actor: Actor, release_job_id: int) -> Job:
     )
 
 
+# The contract's lock.locks columns a restore puts back (create_date too, where it exists).
+RESTORED_COLUMNS = "id, lock_key, entity_type, entity_id, billing_id, system_lock"
+
+
 def lock_restore_execute(ctx: JobContext) -> dict[str, Any]:
     """Insert the released rows back, all in one transaction; ids that exist again are skipped."""
     env = ctx.env
@@ -972,7 +977,6 @@ def lock_restore_execute(ctx: JobContext) -> dict[str, Any]:
         raise JobRefused(_("Already restored by job #%(id)s.") % {"id": plan.restored_by_job_id})
     if plan_digest(plan.pk) != ctx.params["plan_digest"]:
         raise JobRefused(_("The recorded lock rows changed since the release; refusing to restore them."))
-    columns = "id, lock_key, entity_type, entity_id, billing_id, system_lock"
     released_sql = sql.SQL("COPY ({rows}) TO STDOUT").format(
         rows=sql.SQL(RELEASED_ROWS_SQL.replace("%s", "{plan}")).format(plan=sql.Literal(plan.pk))
     )
@@ -990,17 +994,18 @@ def lock_restore_execute(ctx: JobContext) -> dict[str, Any]:
         ):
             for data in src:
                 dst.write(data)
+        insert: sql.Composable
         if plan.has_create_date:
             insert = sql.SQL(
-                "INSERT INTO lock.locks ({cols}, create_date) "
-                "SELECT {cols}, create_date AT TIME ZONE {tz} FROM restore_locks "
+                f"INSERT INTO lock.locks ({RESTORED_COLUMNS}, create_date) "
+                f"SELECT {RESTORED_COLUMNS}, create_date AT TIME ZONE {{tz}} FROM restore_locks "
                 "ON CONFLICT (id) DO NOTHING RETURNING id"
-            ).format(cols=sql.SQL(columns), tz=sql.Literal(env.time_zone))
+            ).format(tz=sql.Literal(env.time_zone))
         else:
             insert = sql.SQL(
-                "INSERT INTO lock.locks ({cols}) SELECT {cols} FROM restore_locks "
+                f"INSERT INTO lock.locks ({RESTORED_COLUMNS}) SELECT {RESTORED_COLUMNS} FROM restore_locks "
                 "ON CONFLICT (id) DO NOTHING RETURNING id"
-            ).format(cols=sql.SQL(columns))
+            )
         restored = len(conn.execute(insert).fetchall())
         total = conn.execute("SELECT count(*) FROM restore_locks").fetchone()[0]
         ctx.check_cancel()

@@ -7,6 +7,7 @@ from django.urls import reverse
 from django.utils.html import format_html
 from django.utils.translation import gettext_lazy as _
 
+from billing_ops.formats import grouped
 from locks.models import Lock
 
 STUCK_RUNS_PER_PAGE = 50
@@ -50,7 +51,7 @@ class RunsTable(tables.Table):
         return format_html('<a href="{}">{}</a>', url, value)
 
     def render_lock_count(self, value: int) -> str:
-        return f"{value:,}"
+        return grouped(value)
 
 
 class LockTable(tables.Table):

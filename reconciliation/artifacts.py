@@ -53,6 +53,7 @@ from django.conf import settings
 from django.utils.translation import gettext as _
 
 from billing_ops.environments import Environment
+from billing_ops.formats import grouped
 from billing_ops.models import Job
 from billing_ops.services import Actor, JobContext, job_request
 from reconciliation.csvfile import REQUIRED_COLUMNS, TEXT_LIMITS
@@ -366,7 +367,7 @@ def _record_check(record: list[str], columns: list[str], name: str, line: int, p
         elif column in CSV_TEXT_COLUMNS and len(value) > TEXT_LIMITS[column]:
             problems.add(
                 name,
-                _("Longer than %(n)s characters.") % {"n": f"{TEXT_LIMITS[column]:,}"},
+                _("Longer than %(n)s characters.") % {"n": grouped(TEXT_LIMITS[column])},
                 line=line,
                 column=column,
             )

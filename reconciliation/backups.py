@@ -53,6 +53,7 @@ from django.db import connections
 from django.utils.translation import gettext as _
 
 from billing_ops.environments import Environment, environment_connect
+from billing_ops.formats import grouped
 from billing_ops.models import ACTIVE_STATUSES, Job
 from billing_ops.services import Actor, JobCancelled, JobContext, job_request
 from reconciliation.services import file_digest
@@ -389,7 +390,10 @@ def backup_create(ctx: JobContext) -> dict[str, Any]:
         size = partial.stat().st_size
         if size == 0:
             raise BackupError(_("pg_dump wrote an empty file; nothing was kept."))
-        ctx.log(_("pg_dump finished: %(size)s bytes in %(ms)s ms.") % {"size": f"{size:,}", "ms": dump_ms})
+        ctx.log(
+            _("pg_dump finished: %(size)s bytes in %(ms)s ms.")
+            % {"size": grouped(size), "ms": grouped(dump_ms)}
+        )
 
         ctx.progress(3, 5, _("Verifying with pg_restore --list"))
         toc = _restore_list(str(restore), partial)
@@ -449,7 +453,7 @@ def counted_table_names() -> list[str]:
 def row_counts_text(counts: dict[str, int | None]) -> str:
     """ "billing.billings 300, lock.locks 1,378, ..." for logs and messages."""
     absent = _("absent")
-    return ", ".join(f"{name} {absent if n is None else f'{n:,}'}" for name, n in counts.items())
+    return ", ".join(f"{name} {absent if n is None else grouped(n)}" for name, n in counts.items())
 
 
 def _tables_present(conn: Any) -> list[tuple[str, str]]:

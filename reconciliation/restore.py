@@ -65,6 +65,7 @@ from django.utils.translation import gettext as _
 from audit.services import SYSTEM_WORKER, audit_record
 from billing_ops import access
 from billing_ops.environments import Environment, environment_connect
+from billing_ops.formats import grouped
 from billing_ops.models import Job, JobStatus
 from billing_ops.notifications import notify_stakeholders
 from billing_ops.services import Actor, JobCancelled, JobContext, JobRefused, job_request
@@ -342,7 +343,7 @@ def restore_execute(ctx: JobContext) -> dict[str, Any]:
         _after_failure(ctx, env, result, error=error)
         raise
     result["duration_ms"] = round((time.monotonic() - started) * 1000)
-    ctx.log(_("pg_restore committed in %(ms)s ms.") % {"ms": f"{result['duration_ms']:,}"})
+    ctx.log(_("pg_restore committed in %(ms)s ms.") % {"ms": grouped(result["duration_ms"])})
 
     ctx.progress(4, STEPS, _("Counting the restored rows"))
     try:
@@ -390,7 +391,11 @@ def counts_compare(expected: dict[str, int | None], after: dict[str, int | None]
         if got != want:
             mismatches.append(
                 _("%(table)s has %(got)s rows, the backup %(want)s")
-                % {"table": name, "got": _("no table") if got is None else f"{got:,}", "want": f"{want:,}"}
+                % {
+                    "table": name,
+                    "got": _("no table") if got is None else grouped(got),
+                    "want": grouped(want),
+                }
             )
     return mismatches
 
@@ -688,7 +693,7 @@ def restore_notice(
         % {
             "name": name,
             "at": result.get("backup_created_at") or "?",
-            "size": f"{result['size_bytes']:,}",
+            "size": grouped(result["size_bytes"]),
             "sha": result["sha256"],
         },
         _("Reason: %(reason)s") % values,
@@ -707,4 +712,4 @@ def restore_notice(
 
 
 def _fmt(n: int | None) -> str:
-    return "—" if n is None else f"{n:,}"
+    return "—" if n is None else grouped(n)

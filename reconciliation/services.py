@@ -28,6 +28,7 @@ from django.utils.translation import gettext as _
 from audit.services import audit_record
 from billing_ops import access
 from billing_ops.environments import Environment, environment_connect, get_environment
+from billing_ops.formats import grouped
 from billing_ops.models import Job
 from billing_ops.services import Actor, JobContext, JobRefused, job_request, user_of
 from reconciliation.csvfile import CsvError, read_header
@@ -67,7 +68,7 @@ def upload_store(chunks: Iterable[bytes]) -> tuple[str, str, int]:
                 size += len(chunk)
                 if size > limit:
                     raise ValidationError(
-                        _("The file is larger than the limit of %(limit)s bytes.") % {"limit": f"{limit:,}"}
+                        _("The file is larger than the limit of %(limit)s bytes.") % {"limit": grouped(limit)}
                     )
                 digest.update(chunk)
                 f.write(chunk)

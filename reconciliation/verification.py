@@ -19,6 +19,7 @@ import psycopg
 from django.utils.translation import gettext as _
 
 from billing_ops.environments import Environment, environment_connect
+from billing_ops.formats import grouped
 from billing_ops.models import Job
 from billing_ops.services import Actor, JobContext, job_request
 from reconciliation.models import UpsertRun, UpsertRunStatus
@@ -99,7 +100,7 @@ def upsert_verification(env: Environment, run_id: str, *, between: Any = None) -
             "status": "info",
             "expected": None,
             "actual": answers["total_lines"],
-            "message": _("%(n)s lines in invoice_lines.") % {"n": f"{answers['total_lines']:,}"},
+            "message": _("%(n)s lines in invoice_lines.") % {"n": grouped(answers["total_lines"])},
         },
         {
             "name": "duplicate_groups",

@@ -294,8 +294,6 @@ SQL_COMPOSITION_ALLOWLIST: dict[tuple[str, str], str] = {
         "oldest_lock",
     ): "LockTableShape.create_date_sql: a column written in code, or NULL",
     ("locks/lookup.py", "where"): "one of two WHERE clauses written in code; the query is a parameter",
-    ("locks/release.py", "sql.SQL(columns)"): "the lock.locks column list written in code",
-    ("locks/release.py", "columns"): "the lock.locks column list written in code",
     (
         "locks/selectors.py",
         '("AND " + " AND ".join(lock_filters)) if lock_filters else ""',
