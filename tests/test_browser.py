@@ -22,10 +22,10 @@ import pytest
 from django.utils import translation
 from django.utils.translation import gettext
 
-from billing_ops.models import Job, JobStatus
-from tests.conftest import make_user
+from billing_ops.models import Job, JobStatus, Notification
+from tests.conftest import _test_url, make_user, wait_for
 from tests.factories import make_locks, make_run
-from tests.test_upsert import query, run, write_csv
+from tests.test_upsert import existing_line, query, run, write_csv
 
 CHROMIUM = os.environ.get("BILLING_OPS_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -318,8 +318,9 @@ def test_a_viewer_sees_no_action_anywhere_and_every_action_url_refuses_them(
     response = page.goto(f"{site}/environments/{k}/reconciliation/upsert/")
     assert response.status == 403 and page.locator("input[type=file]").count() == 0
 
-    # Submitted as forms, with the viewer's valid session and CSRF token: 403 each time.
-    page.goto(site + "/")
+    # Submitted as forms, with the viewer's valid session and CSRF token: 403 each time (the
+    # refusal page has the header's forms, so the next token comes from it).
+    page.goto(site + "/alerts/")
     post_actions = {
         f"/environments/{k}/releases/preview/": {"scope": "selected", "runs": "41", "locks": "all"},
         f"/environments/{k}/releases/{draft.pk}/request/": {"digest": draft.digest},
@@ -349,7 +350,6 @@ def test_a_viewer_sees_no_action_anywhere_and_every_action_url_refuses_them(
         # The role check refused it (our page), not the CSRF check (Django's).
         expect(page.locator("main h1")).to_have_text("Not allowed")
         assert "CSRF verification failed" not in page.content(), path
-        page.goto(site + "/")  # a page with the header's forms again, for the next token
     assert Job.objects.count() == jobs_before
     waiting.refresh_from_db()
     assert waiting.status == JobStatus.AWAITING_APPROVAL and waiting.approved_by is None
@@ -363,3 +363,156 @@ def test_a_viewer_sees_no_action_anywhere_and_every_action_url_refuses_them(
         anonymous.goto(site + path)
         assert anonymous.url.startswith(f"{site}/login/?next="), path
     anonymous.context.close()
+
+
+# --- An operator's upsert: the bar reaches 100 %, the counts are the database's ---------------
+
+
+def test_an_operator_uploads_a_csv_and_watches_the_upsert_reach_100_percent(
+    browser, live_server, celery_worker, unprotected_env, clean_environments
+) -> None:
+    import psycopg
+    from playwright.sync_api import expect
+
+    site = live_server.url
+    env = unprotected_env
+    make_user("op-upload", "Operator", password=PASSWORD)
+    # Two lines of the sample already there: one with another amount (updated), one the same
+    # (unchanged); the file's 18 other lines are new.
+    updated_id = existing_line(
+        env, "INV-01900001", "UNIT-090001", "ENERGY", "Active energy consumption Jan 2025", "412.500", "70.00"
+    )
+    existing_line(env, "INV-01900001", "UNIT-090001", "FEE", "Meter service fee Jan 2025", "1.000", "2.50")
+
+    page = login(browser, site, "op-upload")
+    page.click(f'[data-env="{env.key}"] h2 a')  # the environment's stuck runs
+    page.click(".subnav >> text=Reconciliation")
+    page.click("text=Upload a CSV…")
+    expect(page.locator("h1")).to_have_text("Upsert missing invoice lines")
+    page.set_input_files("input[name=csv]", str(SAMPLE_CSV))
+    page.fill("input[name=run_id]", "browser-fix-1")
+    page.fill("input[name=batch_size]", "5")
+
+    # Another session holds public.invoice_lines: the job starts, then waits inside its
+    # transaction, so the page is certainly showing a job still running when it first
+    # renders (whatever the speed of the worker) and has to refresh itself to see the end.
+    blocker = psycopg.connect(_test_url(env.alias))
+    try:
+        blocker.execute("LOCK TABLE public.invoice_lines IN ACCESS EXCLUSIVE MODE")
+        page.click("text=Queue the upsert")
+        expect(page.locator("h1")).to_contain_text("Job #")
+        job_url = page.url
+        navigations: list[str] = []
+        page.on(
+            "framenavigated",
+            lambda frame: navigations.append(frame.url) if frame is page.main_frame else None,
+        )
+        expect(page.locator("[data-status]")).to_have_attribute("data-status", "running", timeout=30_000)
+        assert page.locator("[role=progressbar]").get_attribute("aria-valuenow") != "100"
+    finally:
+        blocker.rollback()
+        blocker.close()
+
+    expect(page.locator("[data-status]")).to_have_attribute("data-status", "succeeded", timeout=30_000)
+    expect(page.locator("[role=progressbar]")).to_have_attribute("aria-valuenow", "100")
+    assert navigations == [] and page.url == job_url  # the fragment refreshed itself
+    page.screenshot(path=str(ARTIFACTS / "job-upsert-100.png"), full_page=True)
+
+    shown = result_table(page)
+    audit = dict(
+        query(
+            env,
+            "SELECT new_data ->> 'operation', count(*) FROM audit_logs"
+            " WHERE action = 'upsert_missing_lines' AND new_data ->> 'run_id' = 'browser-fix-1' GROUP BY 1",
+        )
+    )
+    [(lines,)] = query(env, "SELECT count(*) FROM invoice_lines")
+    assert (shown["Inserted"], shown["Updated"], shown["Unchanged"]) == ("18", "1", "1")
+    assert (int(shown["Inserted"]), int(shown["Updated"])) == (audit.get("insert"), audit.get("update"))
+    assert lines == 2 + int(shown["Inserted"])
+    assert shown["Rows streamed"] == "20"
+    assert query(env, "SELECT amount::text FROM invoice_lines WHERE id = %s", [updated_id]) == [("75.90",)]
+    job = Job.objects.get(pk=int(job_url.rstrip("/").rsplit("/", 1)[1]))
+    assert job.status == JobStatus.SUCCEEDED and (job.result["inserted"], job.result["updated"]) == (18, 1)
+    page.context.close()
+
+
+# --- A rollback: requested, approved in a second browser, notified -----------------------------
+
+
+def test_a_rollback_is_requested_approved_in_another_browser_and_notified(
+    browser, live_server, notifying_worker, receiver, unprotected_env, clean_environments, tmp_path
+) -> None:
+    from playwright.sync_api import expect
+
+    site = live_server.url
+    env = unprotected_env
+    # The requester is an approver too: still no approving their own request.
+    make_user("op-rollback", "Operator", "Approver", password=PASSWORD)
+    make_user("approver-browser", "Approver", password=PASSWORD)
+    kept = existing_line(env, "INV-A", "U-1", "ENERGY", "Energy Jan", "10", "5.00")
+    csv = write_csv(tmp_path, "INV-A,U-1,ENERGY,Energy Jan,11,5.50\nINV-C,U-2,FEE,Meter fee,1,3.00\n")
+    outcome = run(env, csv, run_id="browser-fix-2")
+    assert (outcome.inserted, outcome.updated) == (1, 1)
+
+    page = login(browser, site, "op-rollback")
+    page.goto(f"{site}/environments/{env.key}/reconciliation/rollback/")
+    page.fill("#id_lookup_run_id", "browser-fix-2")
+    page.get_by_role("button", name="Preview", exact=True).click()
+    expect(page.locator("h2").first).to_contain_text("Preview: rollback of run browser-fix-2")
+    page.screenshot(path=str(ARTIFACTS / "rollback-preview.png"), full_page=True)
+    page.fill("textarea[name=reason]", "the CSV was for the wrong month")
+    page.get_by_role("button", name="Request the rollback").click()
+    expect(page.locator("[data-status]")).to_have_attribute("data-status", "awaiting_approval")
+    job_url = page.url
+    job = Job.objects.get(pk=int(job_url.rstrip("/").rsplit("/", 1)[1]))
+    # Their own request: no decision form, and a decision posted anyway is refused.
+    assert page.locator(f'form[action="/jobs/{job.pk}/approve/"]').count() == 0
+    assert page.get_by_role("button", name="Approve").count() == 0
+    refused = browser_post(page, f"/jobs/{job.pk}/approve/", {"digest": job.params_digest, "comment": ""})
+    assert refused.status == 403
+    expect(page.locator("main")).to_contain_text("Nobody approves or refuses their own request.")
+    job.refresh_from_db()
+    assert job.status == JobStatus.AWAITING_APPROVAL
+    page.goto(job_url)
+
+    # The approver, in a second browser context (own cookies, own session).
+    approver = login(browser, site, "approver-browser")
+    approver.click("nav >> text=Approvals")
+    approver.click(f'a[href="/jobs/{job.pk}/"]')
+    expect(approver.locator("main")).to_contain_text("the CSV was for the wrong month")
+    expect(approver.locator("main")).to_contain_text("still exactly the one requested")
+    approver.screenshot(path=str(ARTIFACTS / "approval.png"), full_page=True)
+    approver.fill("textarea[name=comment]", "checked with finance")
+    approver.get_by_role("button", name="Approve").click()
+    expect(approver.locator("[data-status]")).to_have_attribute("data-status", "succeeded", timeout=30_000)
+    expect(approver.locator(".result")).to_contain_text("1 inserted lines deleted")
+
+    # The requester's page, open all along, follows by itself.
+    expect(page.locator("[data-status]")).to_have_attribute("data-status", "succeeded", timeout=30_000)
+    assert page.url == job_url
+
+    wait_for(lambda: receiver.requests, timeout_s=30, what="the ops channel's webhook")
+    [posted] = receiver.requests
+    assert posted["json"]["text"] == (
+        "🔴 Rollback executed for run browser-fix-2. Reason: the CSV was for the wrong month"
+    )
+    wait_for(
+        lambda: Notification.objects.filter(source=f"job:{job.pk}", status="sent").exists(),
+        what="the notification marked sent",
+    )
+    assert query(env, "SELECT count(*) FROM invoice_lines WHERE invoice_id = 'INV-C'") == [(0,)]
+    assert query(env, "SELECT amount::text FROM invoice_lines WHERE id = %s", [kept]) == [("5.00",)]
+
+    approver.click("nav >> text=Audit")
+    expect(approver.locator("main table")).to_contain_text("job.approved")
+    approver.screenshot(path=str(ARTIFACTS / "audit-trail.png"), full_page=True)
+    approver.goto(f"{site}/notifications/")
+    expect(approver.locator("main table")).to_contain_text(
+        f"Billing reconciliation rolled back: run browser-fix-2 ({env.label})"
+    )
+    expect(approver.locator(f'main table a[href="/jobs/{job.pk}/"]')).to_have_count(1)
+    assert receiver.url.split("127.0.0.1", 1)[1] not in approver.content()  # the secret path
+    approver.screenshot(path=str(ARTIFACTS / "notifications.png"), full_page=True)
+    approver.context.close()
+    page.context.close()
