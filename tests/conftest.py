@@ -6,11 +6,14 @@ running in its own process against the same test databases.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -202,6 +205,79 @@ def clean_environments(django_db_blocker: Any) -> Iterator[None]:
     truncate()
     yield
     truncate()
+
+
+# --- A local webhook receiver ---------------------------------------------------------------
+
+SECRET_PATH = "/services/T000/B000/s3cret-token"
+
+
+class Receiver:
+    """A webhook endpoint: records every POST, answers with the queued statuses (then 200)."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.authorizations: list[str | None] = []
+        self.statuses: list[int] = []
+        self.delay_s = 0.0
+        self.url = ""
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    """A webhook endpoint on 127.0.0.1 (a real HTTP server in a thread of this process); its
+    URL carries a secret-looking path that pages must never show."""
+    state = Receiver()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            if state.delay_s:
+                time.sleep(state.delay_s)
+            state.requests.append(
+                {"path": self.path, "content_type": self.headers["Content-Type"], "json": json.loads(body)}
+            )
+            state.authorizations.append(self.headers["Authorization"])
+            self.send_response(state.statuses.pop(0) if state.statuses else 200)
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, format: str, *args: Any) -> None:  # keep the test output clean
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    state.url = f"http://127.0.0.1:{server.server_port}{SECRET_PATH}"
+    yield state
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def notifying_worker(
+    celery_worker: Worker, worker_environ: dict[str, str], receiver: Receiver, settings: Any
+) -> Iterator[Worker]:
+    """A worker whose ops channel is the `receiver`, in place of the session's worker.
+
+    A worker reads the channel settings from its environment when it starts, and the
+    notifications of a job are written by the worker that runs it: the `settings` fixture
+    alone reaches only this process (the live server). So the session's worker stops (it
+    would take jobs from the same queue without the channel), this one runs for the test,
+    and the session's worker starts again afterwards."""
+    settings.OPS_WEBHOOK_URL = receiver.url
+    settings.STAKEHOLDER_EMAILS = []
+    celery_worker.stop()
+    worker = Worker(
+        {**worker_environ, "BILLING_OPS_OPS_WEBHOOK_URL": receiver.url, "BILLING_OPS_STAKEHOLDER_EMAILS": ""},
+        "notifyingworker",
+    )
+    try:
+        worker.start()
+        yield worker
+    finally:
+        worker.stop()
+        celery_worker.start()
 
 
 def make_user(username: str, *roles: str, password: str = "pw-for-tests-only") -> User:  # noqa: S107

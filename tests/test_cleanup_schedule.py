@@ -121,3 +121,14 @@ def test_an_approver_switches_environments(client_for, approver, protected_env) 
     )
     policy = CleanupPolicy.objects.get(environment=protected_env.key)
     assert policy.enabled and policy.system_only and policy.updated_by == approver
+
+
+def test_only_an_approver_gets_the_forms_the_others_see_the_settings(
+    client_for, viewer, operator, approver
+) -> None:
+    for user in (viewer, operator):
+        page = client_for(user).get("/cleanup-schedule/").content.decode()
+        assert 'method="post"' not in page.split("</header>", 1)[1], user.username
+        assert 'name="enabled_' in page and "disabled" in page  # the policies, read-only
+    page = client_for(approver).get("/cleanup-schedule/").content.decode()
+    assert page.split("</header>", 1)[1].count('method="post"') == 2

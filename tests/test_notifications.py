@@ -5,13 +5,8 @@ webhook URL kept secret."""
 from __future__ import annotations
 
 import base64
-import json
 import threading
-import time
-from collections.abc import Iterator
 from datetime import timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 
 import pytest
 from django.conf import settings
@@ -30,49 +25,7 @@ from billing_ops.notifications import (
     notify,
     webhook_display,
 )
-from tests.conftest import free_port_for_tests, wait_for
-
-SECRET_PATH = "/services/T000/B000/s3cret-token"
-
-
-class Receiver:
-    """A webhook endpoint: records every POST, answers with the queued statuses (then 200)."""
-
-    def __init__(self) -> None:
-        self.requests: list[dict[str, Any]] = []
-        self.authorizations: list[str | None] = []
-        self.statuses: list[int] = []
-        self.delay_s = 0.0
-        self.url = ""
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    state = Receiver()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            if state.delay_s:
-                time.sleep(state.delay_s)
-            state.requests.append(
-                {"path": self.path, "content_type": self.headers["Content-Type"], "json": json.loads(body)}
-            )
-            state.authorizations.append(self.headers["Authorization"])
-            self.send_response(state.statuses.pop(0) if state.statuses else 200)
-            self.end_headers()
-            self.wfile.write(b"ok")
-
-        def log_message(self, format: str, *args: Any) -> None:  # keep the test output clean
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    state.url = f"http://127.0.0.1:{server.server_port}{SECRET_PATH}"
-    yield state
-    server.shutdown()
-    server.server_close()
+from tests.conftest import SECRET_PATH, Receiver, free_port_for_tests, wait_for
 
 
 @pytest.fixture

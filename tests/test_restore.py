@@ -28,8 +28,7 @@ from billing_ops.environments import Environment, environment_connect
 from billing_ops.models import Job, JobStatus, Notification
 from billing_ops.notifications import notifications_deliver_due
 from reconciliation import backups, restore
-from tests.conftest import make_user, wait_for
-from tests.test_notifications import Receiver, receiver  # noqa: F401 - the webhook receiver fixture
+from tests.conftest import Receiver, make_user, wait_for
 
 pytestmark = [
     pytest.mark.django_db(databases="__all__", transaction=True),
@@ -49,7 +48,7 @@ def approver2(db: None) -> User:
 
 
 @pytest.fixture
-def stakeholders(settings, receiver) -> Receiver:  # noqa: F811 - the imported fixture
+def stakeholders(settings, receiver) -> Receiver:
     settings.EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
     settings.STAKEHOLDER_EMAILS = ["po@example.com", "finance@example.com"]
     settings.OPS_WEBHOOK_URL = receiver.url

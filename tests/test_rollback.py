@@ -19,7 +19,6 @@ from billing_ops.notifications import notifications_deliver_due
 from billing_ops.services import job_approve, job_execute, job_refuse
 from reconciliation.models import RollbackStatus, RunRollback
 from reconciliation.rollback import RollbackRefused, rollback_preview, rollback_request, rollback_run
-from tests import test_notifications
 from tests.conftest import make_user
 from tests.test_notifications import make_due
 from tests.test_upsert import (
@@ -34,8 +33,6 @@ from tests.test_upsert import (
 )
 
 pytestmark = pytest.mark.django_db(transaction=True, databases="__all__")
-
-receiver = test_notifications.receiver  # the local webhook endpoint (a fixture)
 
 ROLLBACK_ROWS = """
 SELECT new_data ->> 'operation', record_id, old_data, new_data FROM audit_logs
