@@ -1,10 +1,15 @@
-"""An environment's database that cannot be reached makes its pages answer 503, not 500.
+"""Error pages the views do not render themselves.
+
+An environment's database that cannot be reached makes its pages answer 503, not 500.
 
 Each environment page reads that environment's database. When it is down, refuses us or
 cancels our statement (statement_timeout), the page says so — which environment, what the
 server said (never the URL or password) — with the environment's navigation, and the
 rest of the dashboard goes on working. Errors of the dashboard's own database are not
 blamed on an environment: they stay 500s.
+
+An action's address opened in the browser (a POST-only view) answers 405 with a page that
+says so, instead of the browser's own blank error.
 """
 
 from __future__ import annotations
@@ -56,3 +61,19 @@ def _dashboard_database_up() -> bool:
         return True
     except Exception:
         return False
+
+
+class MethodNotAllowedPageMiddleware:
+    """A 405 with nothing in it (``require_POST``) gets a page naming the problem; the
+    status and the Allow header stay."""
+
+    def __init__(self, get_response: Any) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        response = self.get_response(request)
+        if response.status_code != 405 or response.content or request.method not in ("GET", "HEAD"):
+            return response
+        page = render(request, "405.html", status=405)
+        page["Allow"] = response.get("Allow", "")
+        return page

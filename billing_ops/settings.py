@@ -120,6 +120,7 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
+    "billing_ops.middleware.MethodNotAllowedPageMiddleware",
     # Innermost: sees the view's exceptions first (an environment's database that is down).
     "billing_ops.middleware.EnvironmentUnavailableMiddleware",
 ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_not_required
@@ -100,27 +102,35 @@ def _job_context(request: HttpRequest, job: Job) -> dict[str, object]:
 @require_GET
 def job_detail(request: HttpRequest, job_id: int) -> HttpResponse:
     job = _get_job_for_user(request, job_id)
-    kind = get_kind(job.kind)
-    # The kind's own section (e.g. the release preview an approver decides on) is static:
-    # the full page renders it once, the polled fragment never.
-    detail = import_string(kind.detail_context)(job, request.user) if kind.detail_context else {}
     return render(
-        request,
-        "billing_ops/job_detail.html",
-        {
-            **detail,
-            **_job_context(request, job),
-            "detail_template": f"billing_ops/details/{job.kind}.html" if kind.detail_context else "",
-        },
+        request, "billing_ops/job_detail.html", {**_job_details(request, job), **_job_context(request, job)}
     )
+
+
+def _job_details(request: HttpRequest, job: Job) -> dict[str, Any]:
+    """The kind's own section (e.g. the release preview an approver decides on, an upsert's
+    run): rendered with the page, and once more by the poll that sees the job settle."""
+    kind = get_kind(job.kind)
+    if not kind.detail_context:
+        return {"detail_template": ""}
+    return {
+        **import_string(kind.detail_context)(job, request.user),
+        "detail_template": f"billing_ops/details/{job.kind}.html",
+    }
 
 
 @never_cache
 @require_GET
 def job_status_fragment(request: HttpRequest, job_id: int) -> HttpResponse:
-    """The live part of the job page, polled by htmx until the job finishes."""
+    """The live part of the job page, polled by htmx until the job finishes; the last poll
+    also replaces the kind's section (out of band), which the outcome changes."""
     job = _get_job_for_user(request, job_id)
-    return render(request, "billing_ops/_job_status.html", _job_context(request, job))
+    details = _job_details(request, job) if job.is_finished else {"detail_template": ""}
+    return render(
+        request,
+        "billing_ops/_job_status.html",
+        {**details, **_job_context(request, job), "details_out_of_band": bool(details["detail_template"])},
+    )
 
 
 @require_POST

@@ -664,3 +664,13 @@ def test_an_upload_is_private_randomly_named_and_removed_once_its_job_succeeded(
     job = Job.objects.get(params__upload=names[0])
     assert services.job_execute(job_id=job.pk, worker="test") == "succeeded"
     assert not stored[0].exists() and stored[1].exists()
+
+
+@pytest.mark.django_db
+def test_an_action_address_opened_in_the_browser_says_what_it_is(client_for, viewer) -> None:
+    from django.urls import reverse
+
+    response = client_for(viewer).get(reverse("job_cancel", args=[1]))
+    assert response.status_code == 405 and response["Allow"] == "POST"
+    assert "Only a form can do this" in response.content.decode()
+    assert client_for(viewer).post(reverse("job_cancel", args=[1])).status_code == 403  # POST: the role check

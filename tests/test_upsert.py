@@ -531,7 +531,13 @@ def test_the_form_queues_an_upsert_and_the_pages_show_its_outcome(env, tmp_path,
     response = post(body, "web-1")
     job = Job.objects.get()
     assert response.status_code == 302 and response["Location"] == f"/jobs/{job.pk}/"
+    assert "Run status" in client.get(f"/jobs/{job.pk}/").content.decode()
+    assert "job-details" not in client.get(f"/jobs/{job.pk}/status/").content.decode()  # not yet
     job_execute(job_id=job.pk, worker="test")
+    # The poll that sees the job settle also brings the run's section up to date.
+    fragment = client.get(f"/jobs/{job.pk}/status/").content.decode()
+    details = fragment.split('<div id="job-details" hx-swap-oob="true">')[1]
+    assert 'class="status status-succeeded"' in details and "web-1" in details
     page = client.get(f"/jobs/{job.pk}/").content.decode()
     assert "Keys repeated in the file" in page and "[batch_upsert] Done." in page
 
