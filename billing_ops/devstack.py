@@ -502,9 +502,10 @@ class Supervisor:
             time.sleep(0.5)
 
 
-def _run_lock() -> object:
-    """One `make run` per checkout: a second one says where the first one is."""
-    path = VAR_DIR / "run.lock"
+def _run_lock(name: str = "run.lock", what: str = "Billing Ops is already running") -> object:
+    """One `make run` (or `make soak`: ``name``) per checkout: a second one says where the
+    first one is."""
+    path = VAR_DIR / name
     VAR_DIR.mkdir(parents=True, exist_ok=True)
     handle = open(path, "a+")  # noqa: SIM115  (held open, and locked, for the process's life)
     try:
@@ -513,8 +514,7 @@ def _run_lock() -> object:
         handle.seek(0)
         info = handle.read().strip() or "unknown"
         raise SystemExit(
-            f"[devstack] Billing Ops is already running from this checkout ({info}). "
-            "Stop it with Ctrl-C in its terminal first."
+            f"[devstack] {what} from this checkout ({info}). Stop it with Ctrl-C in its terminal first."
         ) from None
     return handle
 
@@ -597,6 +597,11 @@ def cmd_soak(args: list[str]) -> int:
 
     The soak's jobs change the Dev demo (locks released, lines upserted): Dev is rebuilt from
     the seed before (so the soak always starts from the same data) and after it."""
+    # Two soaks would share the queue and the Dev demo: one at a time.
+    lock = _run_lock("soak.lock", "a soak is already running")
+    lock.truncate(0)  # type: ignore[attr-defined]
+    lock.write(f"pid {os.getpid()}")  # type: ignore[attr-defined]
+    lock.flush()  # type: ignore[attr-defined]
     port = free_port()
     stack = Stack()
     # The web server's access log and the worker's would bury the figures: to a file.
