@@ -4,12 +4,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt | cksum | cut -d' ' -f1)
 
-.PHONY: run test bench lint services stop status install clean help
+.PHONY: run test bench soak lint services stop status install clean help
 
 help:
 	@echo "make run     - web + worker + beat + demo data (private PostgreSQL/Redis unless URLs are set)"
 	@echo "make test    - the whole test suite (same bootstrap)"
 	@echo "make bench   - benchmarks on the demo data (prints figures; see README)"
+	@echo "make soak    - 20 users browse while a 1,000,000-line upsert and a lock cleanup run"
+	@echo "               (SOAK_ARGS=--short: the bounded CI version; see README)"
 	@echo "make lint    - ruff and mypy"
 	@echo "make services / stop / status - the private PostgreSQL and Redis alone"
 
@@ -33,6 +35,9 @@ TYPECHECK_ENV := DJANGO_SECRET_KEY=typecheck-only DATABASE_URL=postgresql://type
 
 bench: $(STAMP)
 	$(PY) -m billing_ops.devstack bench $(BENCH_ARGS)
+
+soak: $(STAMP)
+	$(PY) -m billing_ops.devstack soak $(SOAK_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -9,6 +9,7 @@ Usage::
 
     python -m billing_ops.devstack run      # services, migrate, seed, web + worker + beat
     python -m billing_ops.devstack test ... # services, then pytest with the given args
+    python -m billing_ops.devstack soak ... # the stack on a free port under tests/bench/load.py
     python -m billing_ops.devstack up|down|status
 
 Several devstack processes may share the private services (a `make test` while
@@ -33,6 +34,7 @@ import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 from urllib.parse import quote
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -471,13 +473,17 @@ def manage(*args: str, env: dict[str, str] | None = None) -> None:
 
 
 class Supervisor:
-    def __init__(self) -> None:
+    def __init__(self, output: IO[bytes] | None = None) -> None:
+        """``output``: where the children's stdout and stderr go (None: ours)."""
         self.children: dict[str, subprocess.Popen[bytes]] = {}
+        self.output = output
 
     def start(self, name: str, argv: list[str], role: str) -> None:
         env = {**os.environ, "BILLING_OPS_PROCESS_ROLE": role}
         # Own process group: Ctrl-C reaches us once, and we stop the children in order.
-        self.children[name] = subprocess.Popen(argv, cwd=BASE_DIR, env=env, start_new_session=True)
+        self.children[name] = subprocess.Popen(
+            argv, cwd=BASE_DIR, env=env, start_new_session=True, stdout=self.output, stderr=self.output
+        )
 
     def stop_all(self) -> None:
         for name, proc in reversed(list(self.children.items())):
@@ -500,9 +506,10 @@ class Supervisor:
             time.sleep(0.5)
 
 
-def _run_lock() -> object:
-    """One `make run` per checkout: a second one says where the first one is."""
-    path = VAR_DIR / "run.lock"
+def _run_lock(name: str = "run.lock", what: str = "Billing Ops is already running") -> object:
+    """One `make run` (or `make soak`: ``name``) per checkout: a second one says where the
+    first one is."""
+    path = VAR_DIR / name
     VAR_DIR.mkdir(parents=True, exist_ok=True)
     handle = open(path, "a+")  # noqa: SIM115  (held open, and locked, for the process's life)
     try:
@@ -511,10 +518,44 @@ def _run_lock() -> object:
         handle.seek(0)
         info = handle.read().strip() or "unknown"
         raise SystemExit(
-            f"[devstack] Billing Ops is already running from this checkout ({info}). "
-            "Stop it with Ctrl-C in its terminal first."
+            f"[devstack] {what} from this checkout ({info}). Stop it with Ctrl-C in its terminal first."
         ) from None
     return handle
+
+
+def _demo_defaults() -> None:
+    os.environ.setdefault("BILLING_OPS_DEMO", "1")
+    # Demo recipients, so alerts and stakeholder messages show up on the Notifications
+    # page; with no SMTP host configured, Django prints the mail in the worker's log.
+    os.environ.setdefault("BILLING_OPS_ALERT_EMAILS", "ops@billing-ops.invalid")
+    os.environ.setdefault("BILLING_OPS_STAKEHOLDER_EMAILS", "finance@billing-ops.invalid")
+
+
+def _prepare_database(*, rebuild: tuple[str, ...] = ()) -> None:
+    """Migrate, collect the static files the pages render with, and seed the demo (the
+    environments in ``rebuild`` from scratch, the others only where not seeded yet)."""
+    manage("migrate", "--noinput", "-v", "0")
+    manage("collectstatic", "--noinput", "-v", "0")
+    if rebuild:
+        manage("seed_demo", "--reset", *[arg for key in rebuild for arg in ("--env", key)])
+    manage("seed_demo")
+
+
+def _start_processes(supervisor: Supervisor, *, port: int, queue: str, worker_name: str) -> None:
+    """The web server, a worker on ``queue`` and beat, as `make run` runs them; returns once
+    the web server answers and the worker has reported in."""
+    py = sys.executable
+    supervisor.start(
+        "web",
+        [
+            py, "-m", "gunicorn", "billing_ops.wsgi", "--bind", f"127.0.0.1:{port}",
+            "--workers", "2", "--threads", "8", "--timeout", "60", "--access-logfile", "-",
+        ],
+        "web",
+    )  # fmt: skip
+    supervisor.start("worker", worker_argv(queue=queue, concurrency=2, name=worker_name), "worker")
+    supervisor.start("beat", [py, "-m", "celery", "-A", "billing_ops", "beat", "-l", "INFO"], "beat")
+    _wait_until_healthy(port, supervisor)
 
 
 def cmd_run() -> int:
@@ -530,48 +571,14 @@ def cmd_run() -> int:
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        os.environ.setdefault("BILLING_OPS_DEMO", "1")
-        # Demo recipients, so alerts and stakeholder messages show up on the Notifications
-        # page; with no SMTP host configured, Django prints the mail in the worker's log.
-        os.environ.setdefault("BILLING_OPS_ALERT_EMAILS", "ops@billing-ops.invalid")
-        os.environ.setdefault("BILLING_OPS_STAKEHOLDER_EMAILS", "finance@billing-ops.invalid")
+        _demo_defaults()
         stack.up()
         lock.truncate(0)  # type: ignore[attr-defined]
         lock.write(f"pid {os.getpid()}, http://127.0.0.1:{port}/")  # type: ignore[attr-defined]
         lock.flush()  # type: ignore[attr-defined]
-        manage("migrate", "--noinput", "-v", "0")
-        manage("collectstatic", "--noinput", "-v", "0")
-        manage("seed_demo")
-        py = sys.executable
-        supervisor.start(
-            "web",
-            [
-                py,
-                "-m",
-                "gunicorn",
-                "billing_ops.wsgi",
-                "--bind",
-                f"127.0.0.1:{port}",
-                "--workers",
-                "2",
-                "--threads",
-                "8",
-                "--timeout",
-                "60",
-                "--access-logfile",
-                "-",
-            ],
-            "web",
-        )
-        supervisor.start(
-            "worker",
-            worker_argv(
-                queue=os.environ.get("BILLING_OPS_QUEUE", "billing_ops"), concurrency=2, name="worker1@%h"
-            ),
-            "worker",
-        )
-        supervisor.start("beat", [py, "-m", "celery", "-A", "billing_ops", "beat", "-l", "INFO"], "beat")
-        _wait_until_healthy(port, supervisor)
+        _prepare_database()
+        queue = os.environ.get("BILLING_OPS_QUEUE", "billing_ops")
+        _start_processes(supervisor, port=port, queue=queue, worker_name="worker1@%h")
         _print_banner(port)
         name, code = supervisor.wait_any()
         say(f"{name} exited with code {code}; stopping everything")
@@ -581,6 +588,52 @@ def cmd_run() -> int:
         return 0
     finally:
         supervisor.stop_all()
+        stack.down()
+
+
+SOAK_QUEUE = "billing_ops_soak"
+SOAK_ENVIRONMENT = "dev"  # the environment whose demo the soak's jobs change
+
+
+def cmd_soak(args: list[str]) -> int:
+    """`make soak`: the stack of `make run` on a free port with a queue of its own, the load
+    script of tests/bench/load.py against it, then everything stopped again.
+
+    The soak's jobs change the Dev demo (locks released, lines upserted): Dev is rebuilt from
+    the seed before (so the soak always starts from the same data) and after it."""
+    # Two soaks would share the queue and the Dev demo: one at a time.
+    lock = _run_lock("soak.lock", "a soak is already running")
+    lock.truncate(0)  # type: ignore[attr-defined]
+    lock.write(f"pid {os.getpid()}")  # type: ignore[attr-defined]
+    lock.flush()  # type: ignore[attr-defined]
+    port = free_port()
+    stack = Stack()
+    # The web server's access log and the worker's would bury the figures: to a file.
+    log_path = VAR_DIR / "soak.log"
+    VAR_DIR.mkdir(parents=True, exist_ok=True)
+    log = open(log_path, "wb")  # noqa: SIM115  (the children write to it until stop_all)
+    supervisor = Supervisor(output=log)
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        _demo_defaults()
+        # Its own queue: a worker of `make run` never takes the soak's jobs, nor the other way.
+        os.environ["BILLING_OPS_QUEUE"] = SOAK_QUEUE
+        stack.up()
+        _prepare_database(rebuild=(SOAK_ENVIRONMENT,))
+        _start_processes(supervisor, port=port, queue=SOAK_QUEUE, worker_name="soak1@%h")
+        say(f"the stack is up on http://127.0.0.1:{port}/ (its logs: {log_path}); starting the load")
+        load = [sys.executable, "-m", "tests.bench.load", "--url", f"http://127.0.0.1:{port}", *args]
+        return subprocess.run(load, cwd=BASE_DIR).returncode
+    except KeyboardInterrupt:
+        say("stopping (Ctrl-C)")
+        return 130
+    finally:
+        supervisor.stop_all()
+        log.close()
+        with contextlib.suppress(subprocess.CalledProcessError, KeyboardInterrupt):
+            say(f"rebuilding the {SOAK_ENVIRONMENT} demo the soak changed")
+            manage("seed_demo", "--reset", "--env", SOAK_ENVIRONMENT)
         stack.down()
 
 
@@ -643,9 +696,7 @@ def cmd_bench(args: list[str]) -> int:
         # Benchmarks run jobs in their own process: no worker of `make run` may take them.
         os.environ["BILLING_OPS_QUEUE"] = "billing_ops_bench"
         stack.up()
-        manage("migrate", "--noinput", "-v", "0")
-        manage("collectstatic", "--noinput", "-v", "0")  # the pages render with the manifest
-        manage("seed_demo")
+        _prepare_database()  # the pages render with the static manifest
         return subprocess.run([sys.executable, "-m", "tests.bench.run", *args], cwd=BASE_DIR).returncode
     finally:
         stack.down()
@@ -659,6 +710,8 @@ def main(argv: list[str]) -> int:
         return cmd_test(argv[1:])
     if command == "bench":
         return cmd_bench(argv[1:])
+    if command == "soak":
+        return cmd_soak(argv[1:])
     if command == "up":
         env = Stack().up()
         if env:
@@ -675,7 +728,9 @@ def main(argv: list[str]) -> int:
             state = "configured by URL" if svc is None else ("running" if svc.is_running() else "stopped")
             print(f"{name}: {state}")
         return 0
-    raise SystemExit(f"usage: python -m billing_ops.devstack run|test|bench|up|down|status (got {command!r})")
+    raise SystemExit(
+        f"usage: python -m billing_ops.devstack run|test|bench|soak|up|down|status (got {command!r})"
+    )
 
 
 if __name__ == "__main__":
