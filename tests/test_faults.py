@@ -66,16 +66,26 @@ def backend(env: Environment, application_name: str, *, waiting_on_lock: bool = 
 
 
 @contextlib.contextmanager
-def audit_trail_held(env: Environment) -> Iterator[None]:
-    """Another session holds the lock every chained append takes first: a job that has
-    changed its lines, inside its transaction, waits there to write its audit rows."""
+def table_held(env: Environment, table: str, mode: str) -> Iterator[None]:
+    """Another session (a migration, a VACUUM FULL, a stuck transaction) holds a lock on
+    ``table`` until the block ends."""
     blocker = psycopg.connect(_test_url(env.alias))
-    blocker.execute("LOCK TABLE public.audit_logs IN SHARE ROW EXCLUSIVE MODE")
+    blocker.execute(f"LOCK TABLE {table} IN {mode} MODE")
     try:
         yield
     finally:
         blocker.rollback()
         blocker.close()
+
+
+def audit_trail_held(env: Environment) -> contextlib.AbstractContextManager[None]:
+    """The lock every chained append takes first: a job that has changed its lines, inside
+    its transaction, waits there to write its audit rows."""
+    return table_held(env, "public.audit_logs", "SHARE ROW EXCLUSIVE")
+
+
+def locks_table_held(env: Environment) -> contextlib.AbstractContextManager[None]:
+    return table_held(env, "lock.locks", "ACCESS EXCLUSIVE")
 
 
 def worker_killed_and_swept(worker: Any, settings: Any, job: Job) -> services.SweepReport:
@@ -238,9 +248,7 @@ def test_with_redis_down_submissions_are_kept_pages_work_and_nothing_runs_twice(
 
     seed_rows(env)
     operator = client_for(people["operator"])
-    blocker = psycopg.connect(_test_url(env.alias))
-    blocker.execute("LOCK TABLE lock.locks IN ACCESS EXCLUSIVE MODE")  # the running job waits here
-    try:
+    with locks_table_held(env):  # the running job waits here
         running = services.job_request(
             actor=people["operator"], kind="environment_check", environment=env.key
         )
@@ -264,9 +272,6 @@ def test_with_redis_down_submissions_are_kept_pages_work_and_nothing_runs_twice(
             assert client_for(people["viewer"]).get(reverse(name, args=args)).status_code == 200, name
         assert client_for(people["viewer"]).get(reverse("healthz")).status_code == 503
         assert services.jobs_sweep().undispatchable == [submitted.pk]
-    finally:
-        blocker.rollback()
-        blocker.close()
 
     # The running job finishes its work without Redis: its outcome lives in PostgreSQL.
     wait_for(lambda: Job.objects.get(pk=running.pk).is_finished, what="the running job to finish")
@@ -296,18 +301,6 @@ def statement_timeout(env: Environment, ms: int) -> Iterator[None]:
     finally:
         connection.close()
         options["options"] = saved
-
-
-@contextlib.contextmanager
-def locks_table_held(env: Environment) -> Iterator[None]:
-    """A session (a migration, a VACUUM FULL, a stuck transaction) holds lock.locks."""
-    blocker = psycopg.connect(_test_url(env.alias))
-    blocker.execute("LOCK TABLE lock.locks IN ACCESS EXCLUSIVE MODE")
-    try:
-        yield
-    finally:
-        blocker.rollback()
-        blocker.close()
 
 
 def timed_get(client: Any, url: str) -> tuple[Any, float]:
