@@ -56,11 +56,10 @@ class EnvironmentUnavailableMiddleware:
 
 def _dashboard_database_up() -> bool:
     try:
-        with connections["default"].cursor() as cursor:
-            cursor.execute("SELECT 1")
-        return True
+        selectors.dashboard_database_latency_ms()
     except Exception:
         return False
+    return True
 
 
 class MethodNotAllowedPageMiddleware:

@@ -74,10 +74,12 @@ def env_list(name: str, default: str) -> list[str]:
 DEBUG = env_bool("DJANGO_DEBUG", False)
 DEMO_MODE = env_bool("BILLING_OPS_DEMO", False)
 TESTING = "pytest" in sys.modules or env_bool("BILLING_OPS_TESTING", False)
+# Production (not debug, demo or test): a secret key is required, HTTPS only (below).
+PRODUCTION = not (DEBUG or DEMO_MODE or TESTING)
 
 SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "")
 if not SECRET_KEY:
-    if DEBUG or DEMO_MODE or TESTING:
+    if not PRODUCTION:
         SECRET_KEY = "insecure-local-only-" + str(BASE_DIR)
     else:
         raise ImproperlyConfigured("DJANGO_SECRET_KEY is not set")
@@ -330,7 +332,7 @@ LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "overview"
 LOGOUT_REDIRECT_URL = "login"
 SESSION_COOKIE_HTTPONLY = True
-SESSION_COOKIE_SECURE = env_bool("DJANGO_SECURE_COOKIES", not (DEBUG or DEMO_MODE or TESTING))
+SESSION_COOKIE_SECURE = env_bool("DJANGO_SECURE_COOKIES", PRODUCTION)
 CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
 
 # Sign-in throttling (billing_ops.access): this many failed sign-ins for one user name, or
@@ -346,7 +348,6 @@ LOGIN_FAILURE_KEY_PREFIX = f"billing_ops:login-failures:{CELERY_QUEUE}:"
 # Production (not debug, demo or test) is HTTPS only: `manage.py check --deploy` is clean
 # with the defaults. Behind a TLS-terminating proxy set DJANGO_SECURE_PROXY_SSL_HEADER=true
 # (only if the proxy overwrites X-Forwarded-Proto on every request).
-PRODUCTION = not (DEBUG or DEMO_MODE or TESTING)
 SECURE_SSL_REDIRECT = env_bool("DJANGO_SECURE_SSL_REDIRECT", PRODUCTION)
 # Load balancers probe over plain HTTP; /healthz carries nothing secret.
 SECURE_REDIRECT_EXEMPT = [r"^healthz$"]

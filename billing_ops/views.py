@@ -23,7 +23,7 @@ from billing_ops.job_kinds import get_kind
 from billing_ops.models import Job, Notification
 from billing_ops.tables import JobTable, NotificationTable, table_configure
 
-JOBS_PER_PAGE = 50
+ROWS_PER_PAGE = 50  # jobs and notifications
 
 
 def _get_job_for_user(request: HttpRequest, job_id: int) -> Job:
@@ -58,7 +58,7 @@ def job_list(request: HttpRequest) -> HttpResponse:
     access.require_viewer(request.user)
     job_filter = JobFilter(request.GET, queryset=selectors.jobs_recent())
     table = JobTable(job_filter.qs)
-    table_configure(request, table, per_page=JOBS_PER_PAGE)
+    table_configure(request, table, per_page=ROWS_PER_PAGE)
     return render(request, "billing_ops/job_list.html", {"filter": job_filter, "table": table})
 
 
@@ -68,7 +68,7 @@ def notification_list(request: HttpRequest) -> HttpResponse:
     access.require_viewer(request.user)
     notification_filter = NotificationFilter(request.GET, queryset=Notification.objects.all())
     table = NotificationTable(notification_filter.qs)
-    table_configure(request, table, per_page=JOBS_PER_PAGE)
+    table_configure(request, table, per_page=ROWS_PER_PAGE)
     return render(
         request, "billing_ops/notification_list.html", {"filter": notification_filter, "table": table}
     )

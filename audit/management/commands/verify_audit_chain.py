@@ -21,7 +21,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DatabaseError
 
 from audit.selectors import ChainPoint, ChainReport, dashboard_chain_verify, environment_chain_verify
-from billing_ops.environments import Environment, UnknownEnvironment, all_environments, get_environment
+from billing_ops.environments import Environment, UnknownEnvironment, environments_named
 from billing_ops.selectors import describe_error
 
 EXIT_DAMAGED = 1
@@ -63,10 +63,9 @@ class Command(BaseCommand):
 
 def _environment(key: str) -> Environment:
     try:
-        return get_environment(key)
+        return environments_named([key])[0]
     except UnknownEnvironment as exc:
-        known = ", ".join(env.key for env in all_environments())
-        raise CommandError(f"{exc} (known: {known})", returncode=EXIT_UNREADABLE) from None
+        raise CommandError(str(exc), returncode=EXIT_UNREADABLE) from None
 
 
 def _point(point: ChainPoint | None) -> str:

@@ -14,7 +14,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DatabaseError
 
 from billing_ops.demo import SeedResult, demo_users_ensure, reconciliation_samples_ensure, seed_environment
-from billing_ops.environments import UnknownEnvironment, all_environments, get_environment
+from billing_ops.environments import UnknownEnvironment, environments_named
 
 
 class Command(BaseCommand):
@@ -32,7 +32,7 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, reset: bool, env_keys: list[str] | None, **options: Any) -> None:
         try:
-            envs = [get_environment(key) for key in env_keys] if env_keys else all_environments()
+            envs = environments_named(env_keys)
         except UnknownEnvironment as exc:
             raise CommandError(str(exc)) from None
         failed = []
