@@ -232,6 +232,9 @@ WORKER_HEARTBEAT_KEY_PREFIX = f"billing_ops:worker:{CELERY_QUEUE}:"
 STALE_RUN_AFTER_MIN = env_int("BILLING_OPS_STALE_RUN_AFTER_MIN", 120, minimum=1)
 # The overview's per-environment budget; a slower environment is shown as timed out.
 OVERVIEW_STATEMENT_TIMEOUT_MS = env_int("BILLING_OPS_OVERVIEW_STATEMENT_TIMEOUT_MS", 10_000, minimum=100)
+# The overview shows an environment's figures again for this long (per web process) instead
+# of aggregating its lock.locks for every page view; 0: always ask. Tests always ask.
+OVERVIEW_MAX_AGE_S = env_int("BILLING_OPS_OVERVIEW_MAX_AGE_S", 0 if TESTING else 5)
 SNAPSHOT_INTERVAL_S = env_int("BILLING_OPS_SNAPSHOT_INTERVAL_S", 900, minimum=10)
 # Alerts turn critical when stuck locks are older than this, or more than this many.
 ALERT_CRITICAL_AGE_H = env_int("BILLING_OPS_ALERT_CRITICAL_AGE_H", 24, minimum=1)

@@ -18,6 +18,7 @@ zone (``time_zone`` in the environments file); they are made aware here, once.
 from __future__ import annotations
 
 import re
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -332,6 +333,7 @@ class EnvironmentStatus:
     env: Environment
     figures: LockFigures | None
     error: str = ""
+    measured_at: datetime = field(default_factory=timezone.now)
 
     @property
     def reachable(self) -> bool:
@@ -348,17 +350,39 @@ def overview_wait_s() -> float:
     return settings.CONNECT_TIMEOUT_S + settings.OVERVIEW_STATEMENT_TIMEOUT_MS / 1000 + 1
 
 
-def environments_status(envs: list[Environment]) -> list[EnvironmentStatus]:
-    """Every environment's figures, concurrently; each bounded by its own timeouts."""
+# Figures measured lately by this process, by (environment key, URL): see environments_status.
+_recent_figures: dict[tuple[str, str], EnvironmentStatus] = {}
+_recent_figures_lock = threading.Lock()
+
+
+def environments_status(envs: list[Environment], *, max_age_s: float = 0) -> list[EnvironmentStatus]:
+    """Every environment's figures, concurrently; each bounded by its own timeouts.
+
+    With ``max_age_s``, figures this process measured that recently are shown again instead
+    of asking the environment: however many people have the overview open, an environment
+    aggregates its lock.locks once per ``max_age_s`` per web process, not once per page view.
+    Only figures are reused; an environment that failed is asked again next time."""
     from billing_ops.selectors import describe_error, run_per_environment
 
-    results = run_per_environment(lock_figures, envs, timeout_s=overview_wait_s())
-    return [
-        EnvironmentStatus(env, result)
-        if isinstance(result, LockFigures)
-        else EnvironmentStatus(env, None, describe_error(result))
-        for env, result in zip(envs, results.values(), strict=True)
-    ]
+    now = timezone.now()
+    with _recent_figures_lock:
+        reused = {
+            env.key: status
+            for env in envs
+            if (status := _recent_figures.get((env.key, env.url))) is not None
+            and (now - status.measured_at).total_seconds() < max_age_s
+        }
+    asked = [env for env in envs if env.key not in reused]
+    results = run_per_environment(lock_figures, asked, timeout_s=overview_wait_s())
+    for env, result in zip(asked, results.values(), strict=True):
+        if isinstance(result, LockFigures):
+            reused[env.key] = EnvironmentStatus(env, result)
+            if max_age_s > 0:
+                with _recent_figures_lock:
+                    _recent_figures[(env.key, env.url)] = reused[env.key]
+        else:
+            reused[env.key] = EnvironmentStatus(env, None, describe_error(result))
+    return [reused[env.key] for env in envs]
 
 
 # --- Runs and their locks -------------------------------------------------------------------

@@ -70,7 +70,7 @@ def _entity_types(env: Environment) -> list[str]:
 def overview(request: HttpRequest) -> HttpResponse:
     access.require_viewer(request.user)
     envs = all_environments()
-    statuses = selectors.environments_status(envs)
+    statuses = selectors.environments_status(envs, max_age_s=settings.OVERVIEW_MAX_AGE_S)
     keys = [e.key for e in envs]
     cleanups = last_finished_jobs(kind=LOCK_RELEASE_KIND, environments=keys)
     snapshots = latest_snapshots(keys)

@@ -81,3 +81,32 @@ def test_healthz_says_503_when_no_worker_has_reported_in(settings) -> None:
     report = json.loads(response.content)
     assert report["redis"]["ok"] is True and report["workers"] == []
     assert response.status_code == 503 and report["ok"] is False
+
+
+@pytest.mark.django_db(databases="__all__", transaction=True)
+def test_the_overview_shows_recent_figures_again_within_its_max_age(
+    client_for, viewer, unprotected_env, clean_environments, settings
+) -> None:
+    """Many people on the overview cost an environment one aggregate per max age, not one
+    per page view; the page says when the figures were measured."""
+    from locks import selectors
+    from tests.factories import make_locks, make_run
+
+    def total_locks() -> tuple[int, str]:
+        response = client_for(viewer).get("/")
+        status = next(row.status for row in response.context["rows"] if row.status.env == unprotected_env)
+        assert f'data-measured-at="{status.measured_at.isoformat()}"' in response.content.decode()
+        return status.figures.total_locks, status.measured_at.isoformat()
+
+    selectors._recent_figures.clear()
+    settings.OVERVIEW_MAX_AGE_S = 60
+    try:
+        before, measured = total_locks()
+        make_run(unprotected_env, 5)
+        make_locks(unprotected_env, 5, 7)
+        assert total_locks() == (before, measured)  # within the max age: the same figures
+        settings.OVERVIEW_MAX_AGE_S = 0
+        now, measured_now = total_locks()
+        assert now == before + 7 and measured_now > measured
+    finally:
+        selectors._recent_figures.clear()
