@@ -6,11 +6,9 @@ class BillingOpsConfig(AppConfig):
     verbose_name = "Billing Ops"
 
     def ready(self) -> None:
-        from django.contrib.auth.signals import user_logged_in, user_login_failed
+        from django.contrib.auth.signals import user_login_failed
 
         from billing_ops import job_kinds  # noqa: F401  (registers the job kinds)
         from billing_ops.access import record_login_failure
-        from billing_ops.preferences import remember_on_login
 
         user_login_failed.connect(record_login_failure, dispatch_uid="billing_ops.login_failed")
-        user_logged_in.connect(remember_on_login, dispatch_uid="billing_ops.remember_preferences")

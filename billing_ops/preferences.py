@@ -83,15 +83,10 @@ def preference_remember(request: HttpRequest, preference: Preference) -> None:
     request.session[SESSION_TIME_ZONE_KEY] = preference.time_zone
 
 
-def remember_on_login(sender: object, request: HttpRequest | None, user: Any, **kwargs: object) -> None:
-    """``user_logged_in`` receiver (connected in apps.py): a new session starts with the saved choice."""
-    if request is not None and hasattr(request, "session"):
-        preference_remember(request, preference_get(user))
-
-
 class PreferenceMiddleware:
     """Activate a signed-in user's language and time zone for the request; keep the language
-    cookie in step so the sign-in page follows the user's choice."""
+    cookie in step so the sign-in page follows the user's choice. A session without them (a
+    new sign-in) gets the saved ones on its first request."""
 
     def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
         self.get_response = get_response

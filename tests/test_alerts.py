@@ -76,6 +76,27 @@ def test_it_opens_one_alert_per_environment_not_one_per_run(
 
 
 @in_environments
+def test_alert_texts_are_in_the_deployments_language_whoever_starts_the_round(
+    unprotected_env, clean_environments, recipients
+) -> None:
+    """A round started while Georgian is active (a Georgian reader's request): the alert and
+    its notices are read by everyone, later, so they are written in LANGUAGE_CODE."""
+    import re
+
+    from django.utils import translation
+
+    add_run(unprotected_env, 1)
+    add_locks(unprotected_env, 1, 4)
+    with translation.override("ka"):
+        monitor_round()
+    alert = Alert.objects.get()
+    assert alert.summary == f"{unprotected_env.label}: 1 COMPLETED run still holds 4 locks"
+    texts = [alert.summary] + [f"{n.subject} {n.body} {n.payload}" for n in notices(alert)]
+    assert not any(re.search("[\u10a0-\u10ff]", text) for text in texts), texts
+    assert subjects(alert) == [f"[Billing Ops] WARNING: {alert.summary}"]
+
+
+@in_environments
 def test_a_later_round_updates_the_alert_without_notifying_again(
     unprotected_env, clean_environments, recipients
 ) -> None:
