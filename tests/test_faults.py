@@ -35,6 +35,7 @@ from reconciliation.models import RollbackStatus, RunRollback, UpsertRun, Upsert
 from reconciliation.rollback import rollback_preview, rollback_request
 from reconciliation.services import upload_path
 from tests.conftest import _test_url, make_user, wait_for
+from tests.test_job_worker import finished
 from tests.test_upsert import existing_line, query, request_upsert, run, snapshot, write_csv
 
 pytestmark = [pytest.mark.django_db(databases="__all__", transaction=True)]
@@ -94,7 +95,10 @@ def worker_killed_and_swept(worker: Any, settings: Any, job: Job) -> services.Sw
     assert Job.objects.get(pk=job.pk).status == JobStatus.RUNNING  # nobody has noticed yet
     settings.JOB_STALE_AFTER_S = 2
     wait_for(
-        lambda: Job.objects.get(pk=job.pk).heartbeat_at < timezone.now() - timedelta(seconds=2),
+        lambda: (
+            Job.objects.get(pk=job.pk).heartbeat_at
+            < timezone.now() - timedelta(seconds=settings.JOB_STALE_AFTER_S)
+        ),
         what="the dead worker's heartbeat to go stale",
     )
     return services.jobs_sweep()
@@ -180,9 +184,7 @@ def test_a_worker_killed_inside_a_rollback_commits_nothing_and_a_new_request_wor
         actor=people["operator"], env=env, run_id="to-undo", digest=preview.digest, reason="second try"
     )
     services.job_approve(actor=people["approver"], job_id=again.pk, digest=again.params_digest)
-    again = wait_for(
-        lambda: Job.objects.get(pk=again.pk) if Job.objects.get(pk=again.pk).is_finished else None
-    )
+    again = wait_for(lambda: finished(again.pk), what="the new rollback to finish")
     assert again.status == JobStatus.SUCCEEDED, again.error
     assert query(env, "SELECT count(*) FROM invoice_lines")[0][0] == 1
 
@@ -201,7 +203,7 @@ def test_a_connection_cut_in_the_middle_of_the_copy_fails_the_job_and_writes_not
     pid = wait_for(lambda: query(env, copying, [name]), interval_s=0.02, timeout_s=120, what="the COPY")[0][0]
     assert query(env, "SELECT pg_terminate_backend(%s)", [pid]) == [(True,)]
 
-    job = wait_for(lambda: Job.objects.get(pk=job.pk) if Job.objects.get(pk=job.pk).is_finished else None)
+    job = wait_for(lambda: finished(job.pk), what="the cut job to settle")
     assert job.status == JobStatus.FAILED
     assert "terminat" in job.error.lower() or "closed" in job.error.lower(), job.error
     assert snapshot(env) == before
