@@ -116,6 +116,44 @@ def _round(env: Any, run_id: int, reader_lock: str, operator: User, approver: Us
     }
 
 
+# Where a batch's time goes: the bare DELETE, the same with RETURNING into a CTE, and with
+# the fingerprint release.py computes over the returned values (FAST_DELETE_SQL's parts).
+STATEMENTS = {
+    "bare DELETE": "DELETE FROM lock.locks WHERE billing_id = %(run)s",
+    "+ RETURNING, counted by entity type": (
+        "WITH d AS (DELETE FROM lock.locks WHERE billing_id = %(run)s RETURNING entity_type) "
+        "SELECT entity_type, count(*) FROM d GROUP BY entity_type"
+    ),
+    "+ the content fingerprint": (
+        "WITH d AS (DELETE FROM lock.locks WHERE billing_id = %(run)s "
+        "RETURNING id, lock_key, entity_type, entity_id, system_lock) SELECT entity_type, count(*), "
+        + release.ROW_DIGEST_SUM.format(
+            id="id", key="lock_key", type="entity_type", eid="entity_id", sys="system_lock"
+        )
+        + " FROM d GROUP BY entity_type"
+    ),
+}
+
+
+def _statement_costs(env: Any, run_id: int) -> None:
+    """Each statement over the whole run, rolled back, ROUNDS times in turn; medians."""
+    _vacuum(env)
+    times: dict[str, list[float]] = {name: [] for name in STATEMENTS}
+    for _round_no in range(ROUNDS):
+        for name, statement in STATEMENTS.items():
+            with environment_connect(env) as conn:
+                conn.execute("SET statement_timeout = 0")
+                started = time.perf_counter()
+                conn.execute(statement, {"run": run_id})
+                times[name].append((time.perf_counter() - started) * 1000)
+                conn.rollback()
+    print(f"  the statement alone, whole run, rolled back (medians of {ROUNDS}):")
+    bare = statistics.median(times["bare DELETE"])
+    for name, values in times.items():
+        ms = statistics.median(values)
+        print(f"    {name:40s} {ms:7.1f} ms  ({ms / bare:.2f}x bare)")
+
+
 def main() -> None:
     env = get_environment("dev")
     operator = _user("bench-operator", "Operator")
@@ -162,6 +200,7 @@ def main() -> None:
         f"  release / bare DELETE, per round: median {statistics.median(ratios):.2f}x, "
         f"range {ratios[0]:.2f}x-{ratios[-1]:.2f}x"
     )
+    _statement_costs(env, run_id)
     restore_ms = median("restore_s") * 1000
     print(f"  restore of the {rounds[0]['released']:,} released rows           {restore_ms:9.1f} ms")
     operator.delete() if not Job.objects.filter(requested_by=operator).exists() else None
