@@ -45,6 +45,7 @@ TEXT_LIMITS = {"invoice_id": 200, "unit_id": 200, "line_type": 100, "description
 # A header longer than this is not a header of this contract (a million columns, one huge field).
 MAX_HEADER_BYTES = 64 * 1024
 
+NORMALIZED_SQL = r"regexp_replace(lower(trim(description)), '\s+', ' ', 'g')"  # runbook §1.2, §3
 STAGING_TABLE = "tmp_invoice_lines"  # the runbook's name (§5.2 looks for it in pg_stat_activity)
 STAGING_TABLE_SQL = f"""
 CREATE TEMPORARY TABLE {STAGING_TABLE} (
@@ -60,7 +61,9 @@ CREATE TEMPORARY TABLE {STAGING_TABLE} (
     quantity     numeric(18, 6) NOT NULL CONSTRAINT quantity_negative CHECK (quantity >= 0)
                                  CONSTRAINT quantity_nan CHECK (quantity <> 'NaN'),
     amount       numeric(18, 2) NOT NULL CONSTRAINT amount_negative CHECK (amount >= 0)
-                                 CONSTRAINT amount_nan CHECK (amount <> 'NaN')
+                                 CONSTRAINT amount_nan CHECK (amount <> 'NaN'),
+    -- The runbook's normalization (§1.2, §3), computed as COPY stores each row.
+    nd           text GENERATED ALWAYS AS ({NORMALIZED_SQL}) STORED
 ) ON COMMIT DROP
 """
 

@@ -363,7 +363,6 @@ _RESTORE_JSON = json_object_sql(
 _BEFORE_JSON = json_object_sql({c: f"p.{c}" for c in LINE_VALUES})  # the line as the rollback found it
 _AUDIT_ROWS = f"""
     SELECT a.k, a.id::text AS record_id,
-           %(first)s::timestamptz + (a.k - 1) * interval '1 microsecond' AS created_at,
            CASE WHEN a.operation = 'delete' THEN {_DELETE_JSON} ELSE {_RESTORE_JSON} END AS new_json,
            {_BEFORE_JSON} AS old_json
       FROM rollback_applied a JOIN rollback_plan p ON p.line_id = a.id

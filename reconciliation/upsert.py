@@ -4,25 +4,29 @@ What one run does, in one transaction of the environment database:
 
 1. refuses to start if the dedup index is missing or invalid, or the run id was used;
 2. streams the CSV with COPY into the temporary table ``tmp_invoice_lines``, whose column
-   types and constraints are the CSV contract (``reconciliation.csvfile``): a bad value
-   stops it with the file's line and column, before anything is written;
-3. normalizes descriptions with the runbook's expression
-   ``regexp_replace(lower(trim(description)), '\\s+', ' ', 'g')`` and keeps, of rows whose
-   keys collide after normalization, the last one in the file (the others are counted and
-   reported: the upsert never meets the same key twice, so "ON CONFLICT DO UPDATE command
-   cannot affect row a second time" cannot happen, within a batch or across batches);
-4. per batch of ``batch_size`` keys: locks the existing lines it will meet
-   (``FOR UPDATE``) and keeps their values, then
+   types and constraints are the CSV contract (``reconciliation.csvfile``) and which
+   normalizes each description as it is stored, with the runbook's expression
+   ``regexp_replace(lower(trim(description)), '\\s+', ' ', 'g')``: a bad value stops it
+   with the file's line and column, before anything is written;
+3. of rows whose keys collide after normalization, keeps the last one in the file (the
+   others are counted, reported and dropped: the upsert never meets the same key twice, so
+   "ON CONFLICT DO UPDATE command cannot affect row a second time" cannot happen, within a
+   batch or across batches);
+4. locks the existing lines the file's keys meet (``FOR UPDATE``, one statement) and keeps
+   their values for the audit rows;
+5. per batch of ``batch_size`` rows, in the file's order:
    ``INSERT ... ON CONFLICT (invoice_id, unit_id, line_type, normalized_description)
    DO UPDATE ... WHERE (description, quantity, amount) IS DISTINCT FROM ...``: identical
-   lines are not rewritten (and get no audit row);
-5. writes one ``audit_logs`` row per inserted or updated line, chained (``audit.chain``):
-   the content hashes are computed in SQL for all rows at once, the chain step in order.
-   The table is locked against other writers (SHARE ROW EXCLUSIVE) from reading the
-   chain's head until commit, the rows' ``created_at`` are one microsecond apart after
-   the head, and the commit waits until the clock has passed the last of them, so rows
-   appended after ours sort after ours;
-6. commits, or for a dry run rolls back, reporting the same counts.
+   lines are not rewritten (and get no audit row). New lines get time-ordered ids
+   (``_NEW_ID``); if another session inserted one of the file's keys after step 4, the run
+   stops (its old values would be unknown);
+6. writes one ``audit_logs`` row per inserted or updated line, chained
+   (``reconciliation.auditlog``): ``new_data``/``old_data`` built in SQL, the hashes
+   chained in order here and the rows written with COPY. The table is locked against
+   other writers (SHARE ROW EXCLUSIVE) from reading the chain's head until commit, the
+   rows' ``created_at`` are one microsecond apart after the head, and the commit waits
+   until the clock has passed the last of them, so rows appended after ours sort after ours;
+7. commits, or for a dry run rolls back, reporting the same counts.
 
 Any error anywhere rolls the whole transaction back: nothing is committed.
 """
@@ -30,6 +34,7 @@ Any error anywhere rolls the whole transaction back: nothing is committed.
 from __future__ import annotations
 
 import re
+import secrets
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -151,21 +156,22 @@ def batch_upsert(
             if outcome.rows_streamed == 0:
                 raise CsvError("the file has a header but no lines", file=csv_name, line=2)
             report.check_cancel()
-            keys = _prepare_source(cur)
-            outcome.duplicates = outcome.rows_streamed - keys
+            outcome.duplicates, outcome.duplicate_examples = _keep_last_rows(cur)
+            keys = outcome.rows_streamed - outcome.duplicates
             if outcome.duplicates:
-                outcome.duplicate_examples = _duplicate_examples(cur)
                 report.log(
                     f"{PREFIX} {outcome.duplicates} row(s) repeat a key of a later row after normalization; "
                     "the last row in the file wins"
                 )
             upsert_started = time.monotonic()
-            outcome.batches = _upsert_batches(cur, keys=keys, batch_size=batch_size, report=report)
-            cur.execute(
-                "SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted)"
-                " FROM upsert_changed"
+            existing = _lock_existing_lines(cur)
+            ids = new_line_ids()
+            outcome.batches, outcome.inserted, outcome.updated = _upsert_batches(
+                cur, keys=keys, batch_size=batch_size, report=report, ids=ids
             )
-            outcome.inserted, outcome.updated = cur.fetchone()
+            _refuse_lines_inserted_meanwhile(
+                cur, inserted=outcome.inserted, expected=keys - existing, ids=ids
+            )
             outcome.unchanged = keys - outcome.inserted - outcome.updated
             outcome.upsert_ms = round((time.monotonic() - upsert_started) * 1000)
             report.log(
@@ -183,7 +189,8 @@ def batch_upsert(
                 action=UPSERT_ACTION,
                 rows_sql=_AUDIT_ROWS,
                 rows=outcome.inserted + outcome.updated,
-                params={"run_id": run_id},
+                span=outcome.rows_streamed,
+                params={"run_id": run_id, **ids},
             )
             report.log(f"{PREFIX} Audit logs written for run_id={run_id}")
             report.check_cancel()
@@ -220,145 +227,188 @@ def _copy_csv(cur: Any, csv_path: Path, csv_name: str, header: CsvHeader) -> int
     return int(cur.rowcount)
 
 
-_NORMALIZED = r"regexp_replace(lower(trim(description)), '\s+', ' ', 'g')"  # runbook §1.2, §3
-_KEY_ORDER = 'invoice_id COLLATE "C", unit_id COLLATE "C", line_type COLLATE "C", nd COLLATE "C"'
+_KEY_JOIN = (
+    "l.invoice_id = s.invoice_id AND l.unit_id = s.unit_id AND l.line_type = s.line_type"
+    " AND l.normalized_description = s.nd"
+)
+# A new line's id: an RFC 9562 version-7 UUID (time-ordered), made from the run's start
+# (``id_prefix``: 48-bit Unix milliseconds, the version, 12 random bits) and a random 62-bit
+# counter seeded once per run and advanced by the file's row number (the RFC's "monotonic
+# random" method). The ids of one run are adjacent in the primary key's index, where
+# ``gen_random_uuid()`` would scatter a million inserts across it.
+_NEW_ID = "(%(id_prefix)s || to_hex((%(id_seed)s::bigint + s.record) | (-9223372036854775808)::bigint))::uuid"
+_ID_SEED_ROOM = 1 << 40  # more rows than any file can have: seed + record stays under 2**62
 
 
-def _prepare_source(cur: Any) -> int:
-    """One row per key, the file's last; numbered in key order for batching."""
+def new_line_ids() -> dict[str, Any]:
+    """The parameters of ``_NEW_ID`` for one run."""
+    millis = time.time_ns() // 1_000_000
+    return {
+        "id_prefix": f"{millis & 0xFFFF_FFFF_FFFF:012x}7{secrets.randbits(12):03x}",
+        "id_seed": secrets.randbelow((1 << 62) - _ID_SEED_ROOM),
+    }
+
+
+def _keep_last_rows(cur: Any) -> tuple[int, list[dict[str, Any]]]:
+    """Drop the rows a later row of the file overrides (same key after normalization):
+    (how many, examples). Then index the rows left by their row number, for the batches."""
     cur.execute(
         f"""
-        CREATE TEMPORARY TABLE upsert_source ON COMMIT DROP AS
-        SELECT row_number() OVER () AS seq, d.*
-          FROM (SELECT DISTINCT ON ({_KEY_ORDER})
-                       record, invoice_id::text, unit_id::text, line_type::text, description::text, nd,
-                       quantity, amount
-                  FROM (SELECT t.*, {_NORMALIZED} AS nd FROM {STAGING_TABLE} t) n
-                 ORDER BY {_KEY_ORDER}, record DESC) d
+        CREATE TEMPORARY TABLE upsert_repeated ON COMMIT DROP AS
+        SELECT invoice_id, unit_id, line_type, nd, count(*) AS n, max(record) AS last,
+               array_agg(record ORDER BY record) AS records
+          FROM {STAGING_TABLE} GROUP BY invoice_id, unit_id, line_type, nd HAVING count(*) > 1
         """
     )
-    keys = int(cur.rowcount)
-    cur.execute("CREATE INDEX ON upsert_source (seq)")
-    cur.execute("ANALYZE upsert_source")
-    cur.execute(
-        """
-        CREATE TEMPORARY TABLE upsert_old (id uuid PRIMARY KEY, invoice_id text, unit_id text, line_type text,
-                                           description text, quantity text, amount text) ON COMMIT DROP;
-        CREATE TEMPORARY SEQUENCE upsert_k;
-        CREATE TEMPORARY TABLE upsert_changed (k bigint, id uuid, inserted boolean, invoice_id text,
-                                               unit_id text, line_type text, description text,
-                                               quantity text, amount text) ON COMMIT DROP;
-        """
-    )
-    return keys
-
-
-def _duplicate_examples(cur: Any) -> list[dict[str, Any]]:
-    cur.execute(
-        f"""
-        SELECT invoice_id, unit_id, line_type, nd, array_agg(record ORDER BY record)
-          FROM (SELECT t.*, {_NORMALIZED} AS nd FROM {STAGING_TABLE} t) n
-         GROUP BY 1, 2, 3, 4 HAVING count(*) > 1
-         ORDER BY min(record) LIMIT %s
-        """,
-        [DUPLICATE_EXAMPLES],
-    )
-    return [
-        {
-            "invoice_id": inv,
-            "unit_id": unit,
-            "line_type": line_type,
-            "normalized_description": nd,
-            "rows": records,  # data rows of the file (the header is not counted)
-            "kept_row": records[-1],
-        }
-        for inv, unit, line_type, nd, records in cur.fetchall()
-    ]
-
-
-def _upsert_batches(cur: Any, *, keys: int, batch_size: int, report: Reporter) -> int:
-    batches = -(-keys // batch_size)
-    changed = 0  # upsert_changed.k of the last line changed so far
-    report.progress(0, batches + 1, f"Normalized: {keys} keys, {batches} batches to upsert")
-    for number, low in enumerate(range(0, keys, batch_size), start=1):
-        report.check_cancel()
-        bounds = {"low": low, "high": low + batch_size}
+    examples: list[dict[str, Any]] = []
+    duplicates = 0
+    if cur.rowcount:
         cur.execute(
             """
-            INSERT INTO upsert_old
-            SELECT l.id, l.invoice_id, l.unit_id, l.line_type, l.description, l.quantity::text, l.amount::text
-              FROM upsert_source s
-              JOIN public.invoice_lines l
-                ON l.invoice_id = s.invoice_id AND l.unit_id = s.unit_id AND l.line_type = s.line_type
-               AND l.normalized_description = s.nd
-             WHERE s.seq > %(low)s AND s.seq <= %(high)s
-               FOR UPDATE OF l
+            SELECT sum(n - 1) OVER (), invoice_id, unit_id, line_type, nd, records
+              FROM upsert_repeated ORDER BY records[1] LIMIT %s
             """,
-            bounds,
+            [DUPLICATE_EXAMPLES],
         )
+        for total, inv, unit, line_type, nd, records in cur.fetchall():
+            duplicates = int(total)
+            examples.append(
+                {
+                    "invoice_id": inv,
+                    "unit_id": unit,
+                    "line_type": line_type,
+                    "normalized_description": nd,
+                    "rows": records,  # data rows of the file (the header is not counted)
+                    "kept_row": records[-1],
+                }
+            )
         cur.execute(
+            f"""
+            DELETE FROM {STAGING_TABLE} s USING upsert_repeated r
+             WHERE (s.invoice_id, s.unit_id, s.line_type, s.nd) = (r.invoice_id, r.unit_id, r.line_type, r.nd)
+               AND s.record < r.last
             """
+        )
+    cur.execute(f"CREATE UNIQUE INDEX ON {STAGING_TABLE} (record)")
+    cur.execute(f"ANALYZE {STAGING_TABLE}")
+    return duplicates, examples
+
+
+def _lock_existing_lines(cur: Any) -> int:
+    """Lock (``FOR UPDATE``) the lines the file's keys already have, keeping their values
+    for the audit rows' ``old_data``: how many there are."""
+    cur.execute(
+        f"""
+        CREATE TEMPORARY TABLE upsert_old ON COMMIT DROP AS
+        SELECT s.record, l.id, l.invoice_id, l.unit_id, l.line_type, l.description,
+               l.quantity::text AS quantity, l.amount::text AS amount
+          FROM {STAGING_TABLE} s JOIN public.invoice_lines l ON {_KEY_JOIN}
+           FOR UPDATE OF l
+        """
+    )
+    existing = int(cur.rowcount)
+    cur.execute(
+        """
+        ALTER TABLE upsert_old ADD PRIMARY KEY (record);
+        CREATE INDEX ON upsert_old (id);
+        ANALYZE upsert_old;
+        CREATE TEMPORARY TABLE upsert_updated (id uuid PRIMARY KEY) ON COMMIT DROP;
+        """
+    )
+    return existing
+
+
+def _upsert_batches(
+    cur: Any, *, keys: int, batch_size: int, report: Reporter, ids: dict[str, Any]
+) -> tuple[int, int, int]:
+    """``INSERT ... ON CONFLICT DO UPDATE`` the rows, ``batch_size`` of them at a time in
+    the file's order: (batches, inserted, updated). Updated lines' ids go to upsert_updated."""
+    cur.execute(
+        f"""
+        SELECT record FROM (SELECT record, row_number() OVER (ORDER BY record) AS n FROM {STAGING_TABLE}) r
+         WHERE n %% %(size)s = 0 OR n = %(keys)s ORDER BY record
+        """,
+        {"size": batch_size, "keys": keys},
+    )
+    highs = [high for (high,) in cur.fetchall()]
+    report.progress(0, len(highs) + 1, f"Normalized: {keys} keys, {len(highs)} batches to upsert")
+    inserted = updated = 0
+    low = 0
+    for number, high in enumerate(highs, start=1):
+        report.check_cancel()
+        cur.execute(
+            f"""
             WITH up AS (
                 INSERT INTO public.invoice_lines AS l
-                       (invoice_id, unit_id, line_type, description, normalized_description, quantity, amount)
-                SELECT invoice_id, unit_id, line_type, description, nd, quantity, amount
-                  FROM upsert_source WHERE seq > %(low)s AND seq <= %(high)s ORDER BY seq
+                       (id, invoice_id, unit_id, line_type, description, normalized_description,
+                        quantity, amount)
+                SELECT {_NEW_ID}, s.invoice_id, s.unit_id, s.line_type, s.description, s.nd,
+                       s.quantity, s.amount
+                  FROM {STAGING_TABLE} s WHERE s.record > %(low)s AND s.record <= %(high)s
                     ON CONFLICT (invoice_id, unit_id, line_type, normalized_description) DO UPDATE
                    SET description = excluded.description, quantity = excluded.quantity,
                        amount = excluded.amount
                  WHERE (l.description, l.quantity, l.amount)
                        IS DISTINCT FROM (excluded.description, excluded.quantity, excluded.amount)
-                RETURNING l.id, l.xmax = 0 AS inserted, l.invoice_id, l.unit_id, l.line_type, l.description,
-                          l.quantity::text AS quantity, l.amount::text AS amount
+                RETURNING l.id, l.xmax = 0 AS inserted
+            ), kept AS (
+                INSERT INTO upsert_updated SELECT id FROM up WHERE NOT inserted
             )
-            INSERT INTO upsert_changed
-            SELECT nextval('upsert_k'), id, inserted, invoice_id, unit_id, line_type, description,
-                   quantity, amount
-              FROM up
+            SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM up
             """,
-            bounds,
+            {**ids, "low": low, "high": high},
         )
-        written = cur.rowcount
-        # An update we hold no old values for: another session inserted the key after we
-        # looked. Its old_data would be unknown, so the run stops rather than guess.
-        cur.execute(
-            """
-            SELECT c.invoice_id, c.unit_id, c.line_type FROM upsert_changed c
-             WHERE c.k > %(done)s AND NOT c.inserted
-               AND NOT EXISTS (SELECT 1 FROM upsert_old o WHERE o.id = c.id)
-             LIMIT 1
-            """,
-            {"done": changed},
-        )
-        raced = cur.fetchone()
-        if raced is not None:
-            raise UpsertFailed(
-                "another session inserted line {}/{}/{} while the upsert ran; "
-                "run it again with a new run id".format(*raced)
-            )
-        changed += written
-        report.progress(number, batches + 1, f"Batch {number} of {batches}")
-    cur.execute("CREATE INDEX ON upsert_changed (k)")
-    return batches
+        batch_inserted, batch_updated = cur.fetchone()
+        inserted += batch_inserted
+        updated += batch_updated
+        low = high
+        report.progress(number, len(highs) + 1, f"Batch {number} of {len(highs)}")
+    return len(highs), inserted, updated
 
 
-# The audit row of a changed line (reconciliation.auditlog), one per upsert_changed.k.
+def _refuse_lines_inserted_meanwhile(cur: Any, *, inserted: int, expected: int, ids: dict[str, Any]) -> None:
+    """Stop if another session inserted one of the file's keys after the existing lines
+    were locked: its old values would be unknown (an update) or the file's line would not
+    be ours (unchanged), so the run stops rather than guess."""
+    cur.execute(
+        f"""
+        SELECT l.invoice_id, l.unit_id, l.line_type
+          FROM upsert_updated u JOIN public.invoice_lines l USING (id)
+         WHERE NOT EXISTS (SELECT 1 FROM upsert_old o WHERE o.id = u.id)
+        UNION ALL
+        SELECT s.invoice_id, s.unit_id, s.line_type
+          FROM {STAGING_TABLE} s JOIN public.invoice_lines l ON {_KEY_JOIN}
+         WHERE %(short)s AND NOT EXISTS (SELECT 1 FROM upsert_old o WHERE o.record = s.record)
+           AND l.id IS DISTINCT FROM {_NEW_ID}
+         LIMIT 1
+        """,
+        {**ids, "short": inserted != expected},
+    )
+    raced = cur.fetchone()
+    if raced is not None or inserted != expected:
+        line = "{}/{}/{}".format(*raced) if raced else "a line of the file"
+        raise UpsertFailed(
+            f"another session inserted {line} while the upsert ran; run it again with a new run id"
+        )
+
+
+# The audit row of a changed line (reconciliation.auditlog), in the file's row order: every
+# row whose key had no line (inserted), and the rows whose line was rewritten (updated).
 _LINE_VALUES = ("amount", "description", "invoice_id", "line_type", "quantity", "unit_id")
 _NEW_JSON = json_object_sql(
     {
-        **{column: f"c.{column}" for column in _LINE_VALUES},
+        **{column: f"s.{column}" for column in _LINE_VALUES},
         "hash_scheme": SCHEME,
-        "operation": "CASE WHEN c.inserted THEN 'insert' ELSE 'update' END",
+        "operation": "CASE WHEN o.id IS NULL THEN 'insert' ELSE 'update' END",
         "run_id": "%(run_id)s::text",
     }
 )
 _OLD_JSON = json_object_sql({column: f"o.{column}" for column in _LINE_VALUES})
-# Not materialized: 1M rows of JSON would be ~500 MB of temporary table.
 _AUDIT_ROWS = f"""
-    SELECT c.k, c.id::text AS record_id,
-           %(first)s::timestamptz + (c.k - 1) * interval '1 microsecond' AS created_at,
+    SELECT s.record AS k, coalesce(o.id, {_NEW_ID})::text AS record_id,
            {_NEW_JSON} AS new_json,
-           CASE WHEN c.inserted THEN NULL ELSE {_OLD_JSON} END AS old_json
-      FROM upsert_changed c LEFT JOIN upsert_old o ON o.id = c.id
-     WHERE c.k > %(low)s AND c.k <= %(high)s
+           CASE WHEN o.id IS NULL THEN NULL ELSE {_OLD_JSON} END AS old_json
+      FROM {STAGING_TABLE} s LEFT JOIN upsert_old o ON o.record = s.record
+     WHERE s.record > %(low)s AND s.record <= %(high)s
+       AND (o.id IS NULL OR EXISTS (SELECT 1 FROM upsert_updated u WHERE u.id = o.id))
 """

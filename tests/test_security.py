@@ -303,7 +303,6 @@ SQL_COMPOSITION_ALLOWLIST: dict[tuple[str, str], str] = {
     ("locks/selectors.py", "dates"): "one of two expressions written in code (catalogue shape)",
     ("locks/selectors.py", "holder"): "a column name read from the catalogue (lock_table_shape)",
     ("locks/selectors.py", "oldest"): "one of two expressions written in code (catalogue shape)",
-    ("reconciliation/auditlog.py", "canonical"): "built from a constant action name, quoted by _sql_literal",
     ("reconciliation/auditlog.py", "rows_sql"): "the _AUDIT_ROWS constants of upsert and rollback",
     ("reconciliation/rollback.py", '_complete("p.before")'): "JSON key tests over constant column names",
     ("reconciliation/rollback.py", '_same_as("p.after")'): "JSON key tests over constant column names",

@@ -24,7 +24,7 @@ from billing_ops.services import job_execute
 from reconciliation.csvfile import CsvError, read_header
 from reconciliation.models import UpsertRun, UpsertRunStatus
 from reconciliation.services import file_chunks, upsert_request
-from reconciliation.upsert import UpsertRefused, batch_upsert
+from reconciliation.upsert import UpsertFailed, UpsertRefused, batch_upsert
 from tests.conftest import _test_url, make_user
 
 pytestmark = pytest.mark.django_db(transaction=True, databases="__all__")
@@ -307,6 +307,45 @@ def test_a_failure_in_a_later_batch_rolls_back_the_earlier_ones_and_writes_no_au
         assert snapshot(env) == before
     finally:
         query(env, "DROP TRIGGER boom ON invoice_lines; DROP FUNCTION boom()")
+
+
+class InsertsMeanwhile(Recorder):
+    """Another session inserts a line of the file once the existing lines are locked."""
+
+    def __init__(self, env: Environment, description: str) -> None:
+        super().__init__()
+        self.env, self.description = env, description
+
+    def progress(self, done: int, total: int | None = None, message: str = "") -> None:
+        if message.startswith("Normalized"):
+            existing_line(self.env, "INV-2", "U-1", "FEE", self.description, "1", "1")
+        super().progress(done, total, message)
+
+
+@pytest.mark.parametrize("description", ["fee", " FEE"], ids=["identical", "same-key-other-spelling"])
+def test_a_line_another_session_inserts_meanwhile_stops_the_run_and_nothing_is_written(
+    env, tmp_path, description
+) -> None:
+    existing_line(env, "INV-1", "U-1", "FEE", "fee", "1", "1")
+    path = write_csv(tmp_path, "INV-1,U-1,FEE,fee,2,2\nINV-2,U-1,FEE,fee,1,1\nINV-3,U-1,FEE,fee,1,1\n")
+    before = query(env, "SELECT id, amount FROM invoice_lines WHERE invoice_id = 'INV-1'")
+    with pytest.raises(UpsertFailed, match="another session inserted"):
+        run(env, path, report=InsertsMeanwhile(env, description))
+    assert query(env, "SELECT id, amount FROM invoice_lines WHERE invoice_id = 'INV-1'") == before
+    assert query(env, "SELECT count(*) FROM invoice_lines WHERE invoice_id = 'INV-3'") == [(0,)]
+    assert query(env, "SELECT count(*) FROM audit_logs") == [(0,)]
+
+
+def test_new_lines_get_time_ordered_ids_adjacent_within_a_run(env, tmp_path) -> None:
+    body = "".join(f"INV-{n},U-1,FEE,fee,1,1\n" for n in range(1, 6))
+    run(env, write_csv(tmp_path, body), run_id="first")
+    run(env, write_csv(tmp_path, body.replace("INV-", "INV-B")), run_id="second")
+    rows = query(env, "SELECT id::text, invoice_id FROM invoice_lines ORDER BY id")
+    assert {row[0][14] for row in rows} == {"7"}  # the UUID version
+    assert {row[0][19] for row in rows} <= set("89ab")  # the RFC 9562 variant
+    expected = [f"INV-{n}" for n in range(1, 6)] + [f"INV-B{n}" for n in range(1, 6)]
+    assert [inv for _id, inv in rows] == expected
+    assert_chain_intact(env)
 
 
 def test_a_dry_run_reports_the_real_counts_and_changes_nothing(env, tmp_path) -> None:
