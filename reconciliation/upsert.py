@@ -255,33 +255,30 @@ def _keep_last_rows(cur: Any) -> tuple[int, list[dict[str, Any]]]:
     cur.execute(
         f"""
         CREATE TEMPORARY TABLE upsert_repeated ON COMMIT DROP AS
-        SELECT invoice_id, unit_id, line_type, nd, count(*) AS n, max(record) AS last,
+        SELECT invoice_id, unit_id, line_type, nd, max(record) AS last,
                array_agg(record ORDER BY record) AS records
           FROM {STAGING_TABLE} GROUP BY invoice_id, unit_id, line_type, nd HAVING count(*) > 1
         """
     )
-    examples: list[dict[str, Any]] = []
-    duplicates = 0
-    if cur.rowcount:
+    if not cur.rowcount:
+        duplicates, examples = 0, []
+    else:
         cur.execute(
-            """
-            SELECT sum(n - 1) OVER (), invoice_id, unit_id, line_type, nd, records
-              FROM upsert_repeated ORDER BY records[1] LIMIT %s
-            """,
+            "SELECT invoice_id, unit_id, line_type, nd, records FROM upsert_repeated"
+            " ORDER BY records[1] LIMIT %s",
             [DUPLICATE_EXAMPLES],
         )
-        for total, inv, unit, line_type, nd, records in cur.fetchall():
-            duplicates = int(total)
-            examples.append(
-                {
-                    "invoice_id": inv,
-                    "unit_id": unit,
-                    "line_type": line_type,
-                    "normalized_description": nd,
-                    "rows": records,  # data rows of the file (the header is not counted)
-                    "kept_row": records[-1],
-                }
-            )
+        examples = [
+            {
+                "invoice_id": inv,
+                "unit_id": unit,
+                "line_type": line_type,
+                "normalized_description": nd,
+                "rows": records,  # data rows of the file (the header is not counted)
+                "kept_row": records[-1],
+            }
+            for inv, unit, line_type, nd, records in cur.fetchall()
+        ]
         cur.execute(
             f"""
             DELETE FROM {STAGING_TABLE} s USING upsert_repeated r
@@ -289,6 +286,7 @@ def _keep_last_rows(cur: Any) -> tuple[int, list[dict[str, Any]]]:
                AND s.record < r.last
             """
         )
+        duplicates = int(cur.rowcount)
     cur.execute(f"CREATE UNIQUE INDEX ON {STAGING_TABLE} (record)")
     cur.execute(f"ANALYZE {STAGING_TABLE}")
     return duplicates, examples
@@ -310,7 +308,6 @@ def _lock_existing_lines(cur: Any) -> int:
     cur.execute(
         """
         ALTER TABLE upsert_old ADD PRIMARY KEY (record);
-        CREATE INDEX ON upsert_old (id);
         ANALYZE upsert_old;
         CREATE TEMPORARY TABLE upsert_updated (id uuid PRIMARY KEY) ON COMMIT DROP;
         """
@@ -367,29 +364,26 @@ def _upsert_batches(
 
 
 def _refuse_lines_inserted_meanwhile(cur: Any, *, inserted: int, expected: int, ids: dict[str, Any]) -> None:
-    """Stop if another session inserted one of the file's keys after the existing lines
-    were locked: its old values would be unknown (an update) or the file's line would not
-    be ours (unchanged), so the run stops rather than guess."""
+    """Every key of the file without a locked line must have been inserted by this run. One
+    that was not met a line another session inserted after the lock: its old values would be
+    unknown (updated) or the line would not be ours (identical), so the run stops rather
+    than guess."""
+    if inserted == expected:
+        return
     cur.execute(
         f"""
-        SELECT l.invoice_id, l.unit_id, l.line_type
-          FROM upsert_updated u JOIN public.invoice_lines l USING (id)
-         WHERE NOT EXISTS (SELECT 1 FROM upsert_old o WHERE o.id = u.id)
-        UNION ALL
         SELECT s.invoice_id, s.unit_id, s.line_type
           FROM {STAGING_TABLE} s JOIN public.invoice_lines l ON {_KEY_JOIN}
-         WHERE %(short)s AND NOT EXISTS (SELECT 1 FROM upsert_old o WHERE o.record = s.record)
-           AND l.id IS DISTINCT FROM {_NEW_ID}
+         WHERE NOT EXISTS (SELECT 1 FROM upsert_old o WHERE o.record = s.record) AND l.id <> {_NEW_ID}
          LIMIT 1
         """,
-        {**ids, "short": inserted != expected},
+        ids,
     )
     raced = cur.fetchone()
-    if raced is not None or inserted != expected:
-        line = "{}/{}/{}".format(*raced) if raced else "a line of the file"
-        raise UpsertFailed(
-            f"another session inserted {line} while the upsert ran; run it again with a new run id"
-        )
+    line = "{}/{}/{}".format(*raced) if raced else "a line of the file"
+    raise UpsertFailed(
+        f"another session inserted {line} while the upsert ran; run it again with a new run id"
+    )
 
 
 # The audit row of a changed line (reconciliation.auditlog), in the file's row order: every

@@ -32,7 +32,7 @@ class StageClock:
 
     def progress(self, done: int, total: int | None = None, message: str = "") -> None:
         if message.startswith("Normalized"):  # the normalization and dedup, before the batches
-            self.log("normalized and deduplicated")
+            self.log("deduplicated, existing lines locked")
 
     def check_cancel(self) -> None:
         pass
