@@ -196,9 +196,12 @@ class PrivatePostgres:
         state["port"] = port
         _write_private(self.state_file, json.dumps(state))
         say(f"starting the private PostgreSQL on 127.0.0.1:{port}")
+        # max_wal_size: a million-line upsert writes gigabytes of WAL; with the default 1 GB
+        # the server checkpoints every few seconds under it (and logs "checkpoints are
+        # occurring too frequently"), stalling every commit meanwhile.
         settings = (
             f"-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories='' "
-            "-c max_connections=200 -c shared_buffers=256MB -c fsync=on"
+            "-c max_connections=200 -c shared_buffers=256MB -c fsync=on -c max_wal_size=8GB"
         )
         result = subprocess.run(
             [

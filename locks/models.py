@@ -225,6 +225,13 @@ class LockReleasePlan(models.Model):
     digest = models.CharField(max_length=64)
     # The lock table had a create_date column when the plan was made (restore puts it back).
     has_create_date = models.BooleanField(default=False)
+    # The oldest transaction still running when the preview read the rows (its snapshot's
+    # xmin, as a 32-bit xid) and the lock table's file node then: a tuple at a planned ctid
+    # whose xmin precedes the horizon, in the same file, is the very tuple the preview read,
+    # unchanged (any update or re-insert makes a tuple with a newer xmin). NULL: plans made
+    # before this existed; their batches are compared row by row.
+    xmin_horizon = models.BigIntegerField(null=True, blank=True)
+    table_filenode = models.BigIntegerField(null=True, blank=True)
     restored_by_job = models.ForeignKey(
         "billing_ops.Job", on_delete=models.PROTECT, null=True, blank=True, related_name="+"
     )
@@ -248,8 +255,7 @@ class LockReleaseItem(models.Model):
     entity_id = models.TextField()
     system_lock = models.BooleanField()
     create_date = models.DateTimeField(null=True)
-    # Where the row was at preview time (its ctid: heap block and line pointer); a batch
-    # is a range of ctids.
+    # Where the row was at preview time (its ctid: heap block and line pointer).
     block = models.BigIntegerField(default=0)
     line = models.IntegerField(default=0)
 
@@ -275,15 +281,11 @@ class LockReleaseBatch(models.Model):
     billing_id = models.BigIntegerField()
     batch_no = models.IntegerField()
     size = models.IntegerField()
-    # The batch is the run's planned rows with ctids from (first_block, first_line) to
-    # (last_block, last_line), and digest is sha256 over them: when that ctid range still
-    # holds exactly these rows, the batch is deleted by a TID range scan without the row
-    # list (see locks.release).
-    first_block = models.BigIntegerField(default=0)
-    first_line = models.IntegerField(default=0)
-    last_block = models.BigIntegerField(default=0)
-    last_line = models.IntegerField(default=0)
-    digest = models.CharField(max_length=64, blank=True)
+    # Where the batch's rows were at preview time: their ctids, as a PostgreSQL tid[]
+    # literal, so that the job finds them by a TID scan of exactly those tuples; and how
+    # many of each entity type they are (see locks.release).
+    tids = models.TextField(default="")
+    by_entity_type = models.JSONField(default=dict)
     status = models.CharField(
         max_length=16, choices=ReleaseBatchStatus.choices, default=ReleaseBatchStatus.PENDING
     )

@@ -6,21 +6,23 @@ that an ops team can trust it with production:
 
 1. **Preview** (``release_plan_prepare``): the lock rows of the chosen eligible runs are
    copied, as they are at that moment, into the dashboard's own database (COPY from the
-   environment straight into ``LockReleaseItem``), with a sha256 digest over them. Locks
-   with NULL ``billing_id`` are never part of a plan.
+   environment straight into ``LockReleaseItem``, with each row's ctid), with a sha256
+   digest over them; from the same snapshot, its xmin horizon and the lock table's file
+   node. Locks with NULL ``billing_id`` are never part of a plan.
 2. **Request** (``release_request``): a job whose parameters carry the plan and its digest,
    so that an approver approves exactly these rows. Each run is claimed (``JobClaim``): one
    cleanup per environment and run at a time; a second request is refused naming the job.
 3. **Delete** (``lock_release_execute``, on a worker): run by run, batch by batch, each
-   batch one short transaction with ``lock_timeout``. A batch is a range of ctids fixed at
-   preview time with its row count and fingerprint: the run's rows in that range are
-   deleted by one TID range scan (if the run is still eligible, checked ``FOR SHARE`` in the
-   same statement), and kept deleted only if the deleted rows have exactly the preview's
-   count and fingerprint. Otherwise that is rolled back and the batch is compared row by
-   row with the plan: only rows still exactly as previewed are deleted; rows that appeared
-   since were never in the plan; rows that changed are left alone and reported. Progress
-   is per batch; a cancel takes effect between batches; a session advisory lock per run
-   keeps any other process using this code off the same run.
+   batch one short transaction with ``lock_timeout``. A batch is the ctids of up to
+   ``BATCH_SIZE_ROWS`` planned rows: the tuples at those ctids are deleted by one TID scan
+   if each is still the very tuple the preview read (same table file, the run's, inserted
+   before the preview's snapshot; the run still eligible, checked ``FOR SHARE`` in the
+   same statement), and the delete is kept only if it took the whole batch. Otherwise it
+   is rolled back and the batch is compared row by row with the plan: only rows still
+   exactly as previewed are deleted; rows that appeared since were never in the plan;
+   rows that changed are left alone and reported. Progress is per batch; a cancel takes
+   effect between batches; a session advisory lock per run keeps any other process using
+   this code off the same run.
 4. **Resume**: a batch is marked ``deleting`` before its transaction and ``done`` after;
    after a worker died, the job (re-queued by the sweeper, or run again) continues with
    the batches not ``done``. A batch left ``deleting`` is deleted again: what is still
@@ -33,6 +35,7 @@ that an ops team can trust it with production:
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -186,29 +189,27 @@ def release_plan_prepare(
             digest="",
             has_create_date=shape.has_create_date,
         )
-        _copy_locks_into_plan(
+        plan.xmin_horizon, plan.table_filenode = _copy_locks_into_plan(
             env, plan, eligible, system_only=system_only, has_create_date=shape.has_create_date
         )
         with connections["default"].cursor() as cursor:
             cursor.execute(
                 """
                 INSERT INTO locks_lockreleasebatch
-                    (plan_id, billing_id, batch_no, size, first_block, first_line, last_block, last_line,
-                     digest, status, deleted_count, gone_ids, note)
-                SELECT plan_id, billing_id, batch_no, count(*),
-                       (array_agg(block ORDER BY block, line))[1], (array_agg(line ORDER BY block, line))[1],
-                       (array_agg(block ORDER BY block DESC, line DESC))[1],
-                       (array_agg(line ORDER BY block DESC, line DESC))[1],
-                       {row_digest_sum},
+                    (plan_id, billing_id, batch_no, size, tids, by_entity_type,
+                     status, deleted_count, gone_ids, note)
+                SELECT i.plan_id, i.billing_id, i.batch_no, count(*),
+                       array_agg(('(' || i.block || ',' || i.line || ')')::tid
+                                 ORDER BY i.block, i.line)::text,
+                       (SELECT jsonb_object_agg(t.entity_type, t.n) FROM (
+                            SELECT j.entity_type, count(*) AS n FROM locks_lockreleaseitem j
+                            WHERE j.plan_id = i.plan_id AND j.billing_id = i.billing_id
+                              AND j.batch_no = i.batch_no
+                            GROUP BY j.entity_type) t),
                        %s, 0, '[]'::jsonb, ''
-                FROM locks_lockreleaseitem WHERE plan_id = %s
-                GROUP BY plan_id, billing_id, batch_no
-                """.replace(
-                    "{row_digest_sum}",
-                    ROW_DIGEST_SUM.format(
-                        id="lock_id", key="lock_key", type="entity_type", eid="entity_id", sys="system_lock"
-                    ),
-                ),
+                FROM locks_lockreleaseitem i WHERE i.plan_id = %s
+                GROUP BY i.plan_id, i.billing_id, i.batch_no
+                """,
                 [ReleaseBatchStatus.PENDING, plan.pk],
             )
             cursor.execute(
@@ -226,16 +227,19 @@ def release_plan_prepare(
                 else _("The chosen runs hold no locks.")
             )
         plan.summary = _summary(runs, eligible, counts, refused)
-        plan.save(update_fields=["digest", "lock_count", "summary"])
+        plan.save(update_fields=["digest", "lock_count", "summary", "xmin_horizon", "table_filenode"])
     return plan
 
 
 def _copy_locks_into_plan(
     env: Environment, plan: LockReleasePlan, run_ids: list[int], *, system_only: bool, has_create_date: bool
-) -> None:
-    """Stream the runs' lock rows from the environment into the plan with two COPYs."""
-    # Batches are runs of BATCH_SIZE_ROWS of a run's rows in ctid order, so that the job can
-    # find a batch's rows again by a TID range scan of just those heap blocks.
+) -> tuple[int, int | None]:
+    """Stream the runs' lock rows from the environment into the plan with two COPYs.
+
+    Returns, from the same snapshot as the rows, that snapshot's xmin (as a 32-bit xid)
+    and the lock table's file node: see FAST_DELETE_SQL."""
+    # Batches are runs of BATCH_SIZE_ROWS of a run's rows in ctid order: the job finds a
+    # batch's rows again by a TID scan of their ctids, block by block.
     source = sql.SQL(
         """
         COPY (
@@ -265,18 +269,27 @@ def _copy_locks_into_plan(
         src_conn.execute(f"SET statement_timeout = {PREVIEW_STATEMENT_TIMEOUT_MS:d}")
         # Both sides speak text COPY; the environment's timestamptz text carries its offset.
         src_conn.execute("SET TimeZone = 'UTC'")
-        with (
-            connections["default"].cursor() as dst_cursor,
-            src_conn.cursor().copy(source) as src,
-            dst_cursor.cursor.copy(target) as dst,
-        ):
-            buffer = bytearray()
-            for data in src:  # one row at a time from libpq; sent on in larger pieces
-                buffer += data
-                if len(buffer) >= COPY_CHUNK_BYTES:
-                    dst.write(buffer)
-                    buffer.clear()
-            dst.write(buffer)
+        # One snapshot for the rows, the horizon and the file node.
+        src_conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        src_conn.read_only = True
+        with src_conn.transaction():
+            horizon, filenode = src_conn.execute(
+                "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint % 4294967296, "
+                "pg_relation_filenode('lock.locks'::regclass)"
+            ).fetchone()
+            with (
+                connections["default"].cursor() as dst_cursor,
+                src_conn.cursor().copy(source) as src,
+                dst_cursor.cursor.copy(target) as dst,
+            ):
+                buffer = bytearray()
+                for data in src:  # one row at a time from libpq; sent on in larger pieces
+                    buffer += data
+                    if len(buffer) >= COPY_CHUNK_BYTES:
+                        dst.write(buffer)
+                        buffer.clear()
+                dst.write(buffer)
+    return int(horizon), filenode
 
 
 # The plan's rows in a fixed order, as COPY text: hashed for the digest, and streamed into
@@ -293,17 +306,20 @@ def plan_digest(plan_id: int) -> str:
 
 
 def batches_digest(plan_id: int) -> str:
-    """sha256 over the plan's batches (block ranges and row digests): the job's parameters
-    carry it, so the batches a job deletes by block range are the approved ones."""
+    """sha256 over the plan's batches (their ctids and counts) and the snapshot facts the
+    fast path trusts: the job's parameters carry it, so the tuples a job deletes by ctid
+    are the approved ones."""
     digest = hashlib.sha256()
+    plan = LockReleasePlan.objects.values_list("xmin_horizon", "table_filenode").get(pk=plan_id)
+    digest.update(("\t".join(str(v) for v in plan) + "\n").encode())
     for row in (
         LockReleaseBatch.objects.filter(plan_id=plan_id)
         .order_by("billing_id", "batch_no")
-        .values_list(
-            "billing_id", "batch_no", "size", "first_block", "first_line", "last_block", "last_line", "digest"
-        )
+        .values_list("billing_id", "batch_no", "size", "by_entity_type", "tids")
     ):
-        digest.update(("\t".join(str(v) for v in row) + "\n").encode())
+        *head, by_type, tids = row
+        fields = [*head, json.dumps(by_type, sort_keys=True), tids]
+        digest.update(("\t".join(str(v) for v in fields) + "\n").encode())
     return digest.hexdigest()
 
 
@@ -445,32 +461,26 @@ WHERE p.billing_id = %(run)s AND p.batch_no = %(batch)s AND NOT (p.id = ANY(%(de
 """
 
 
-# A batch's fingerprint: the sum of each row's 64-bit hashtextextended, as text. Needs no
-# sort (a batch's rows may come in any order) and costs a tenth of an md5 per row. It is the
-# hash PostgreSQL's hash partitioning relies on, so it is the same across versions; should
-# the dashboard's server ever compute another value than the environment's (another byte
-# order), every batch takes the exact row-by-row path: slower, never wrong.
-ROW_DIGEST_SUM = (
-    "coalesce(sum(hashtextextended(concat_ws(E'\\t', {id}, {key}, {type}, {eid}, {sys}::text), 0)), 0)::text"
-)
-
-# The fast path: delete the run's rows in the batch's ctid range (a TID range scan of the
-# heap blocks they were in at preview time) and check, in the same transaction, that what
-# went is exactly the preview: same count, same fingerprint over the deleted rows' values
-# as returned by the DELETE (so a row someone changed meanwhile shows up as a different
-# fingerprint). If not, the transaction is rolled back and the batch falls back to comparing
-# row by row (DELETE_BATCH_SQL). The run must still be eligible (ELIGIBLE_RUN_CTE) or
-# nothing is deleted.
+# The fast path: delete the tuples at the batch's ctids (a TID scan of exactly those), if
+# each is still the very tuple the preview read: the run's, in the same table file (a
+# VACUUM FULL, CLUSTER or rewrite moves tuples and changes the file node), and inserted by
+# a transaction that ended before the preview's snapshot was taken (its xmin precedes the
+# snapshot's xmin, by age(), which counts across xid wraparound). A tuple updated or
+# inserted since has a newer xmin, so it is not deleted. When the statement deleted
+# exactly the batch's size, the batch went exactly as previewed; otherwise the job rolls
+# it back and compares row by row (DELETE_BATCH_SQL). The run must still be eligible
+# (ELIGIBLE_RUN_CTE) or nothing is deleted. A partitioned lock table has no file node of
+# its own (NULL): every batch then takes the row-by-row path. The ctids come through a
+# scalar subquery so that the planner neither parses the 20,000 of them while planning nor,
+# estimating that many rows, prefers to read the whole table.
 FAST_DELETE_SQL = (
     ELIGIBLE_RUN_CTE
-    + """,
-deleted AS (
-    DELETE FROM lock.locks l
-    USING run
-    WHERE l.ctid >= %(first)s::tid AND l.ctid <= %(last)s::tid AND l.billing_id = run.id {system_only}
-    RETURNING l.id, l.lock_key, l.entity_type, l.entity_id, l.system_lock
-)
-SELECT entity_type, count(*), {row_digest_sum} FROM deleted GROUP BY entity_type
+    + """
+DELETE FROM lock.locks l
+WHERE l.ctid = ANY((SELECT %(tids)s::tid[])::tid[])
+  AND l.billing_id = (SELECT id FROM run) {system_only}
+  AND pg_relation_filenode('lock.locks'::regclass) = %(filenode)s
+  AND age(l.xmin) > (SELECT age(%(horizon)s::text::xid))
 """
 )
 
@@ -622,34 +632,36 @@ def _release_batch(
         "eligible": [COMPLETED, *error_path_statuses(labels)],
         "tz": env.time_zone,
         "stale": timedelta(minutes=settings.STALE_RUN_AFTER_MIN),
-        "first": f"({batch.first_block},{batch.first_line})",
-        "last": f"({batch.last_block},{batch.last_line})",
+        "tids": batch.tids,
+        "filenode": progress.plan.table_filenode,
+        "horizon": str(progress.plan.xmin_horizon),
     }
-    fast_sql = FAST_DELETE_SQL.format(
-        system_only="AND l.system_lock" if progress.plan.system_only else "",
-        row_digest_sum=ROW_DIGEST_SUM.format(
-            id="id", key="lock_key", type="entity_type", eid="entity_id", sys="system_lock"
-        ),
-    )
+    fast_sql = FAST_DELETE_SQL.format(system_only="AND l.system_lock" if progress.plan.system_only else "")
 
     def fast() -> dict[str, int]:
-        rows = conn.execute(fast_sql, params).fetchall()
-        by_type = {entity_type: int(n) for entity_type, n, _digest in rows}
-        digest = str(sum(int(d) for _type, _n, d in rows))  # the sum of the groups' sums
-        if sum(by_type.values()) != batch.size or digest != batch.digest:
-            if not rows:  # a run no longer eligible stops here, before the plan is loaded
+        deleted = conn.execute(fast_sql, params).rowcount
+        if deleted != batch.size:
+            if deleted == 0:  # a run no longer eligible stops here, before the plan is loaded
                 _check_still_eligible(conn, env, batch.billing_id, labels)
             raise _NotAsPreviewed  # rolls back whatever this statement deleted
-        return by_type
+        return {entity_type: int(n) for entity_type, n in batch.by_entity_type.items()}
 
-    try:
-        by_type = _with_lock_retries(ctx, batch, fast, conn)
-        _record_batch(ctx, batch, by_type, [], resuming=resuming, progress=progress)
-        return
-    except _NotAsPreviewed:
-        pass
-    # Something in these blocks differs from the preview (or the run is no longer eligible):
-    # compare row by row against the plan, loaded once per job.
+    if progress.plan.xmin_horizon is not None:
+        try:
+            by_type = _with_lock_retries(ctx, batch, fast, conn)
+            _record_batch(ctx, batch, by_type, [], resuming=resuming, progress=progress)
+            return
+        except _NotAsPreviewed:
+            ctx.log(
+                _(
+                    "Run %(run)s, batch %(n)s: not every planned lock is still the one previewed; "
+                    "comparing row by row."
+                )
+                % {"run": batch.billing_id, "n": batch.batch_no + 1}
+            )
+    # A planned tuple is gone or changed or newer than the preview's snapshot, or the table
+    # was rewritten (or the plan predates these checks): compare row by row against the
+    # plan, loaded once per job.
     if not progress.plan_loaded:
         _load_plan(conn, progress.plan, expected_digest=progress.expected_digest)
         progress.plan_loaded = True
@@ -733,30 +745,31 @@ def _record_batch(
         note = _("resumed: %(n)s rows had been deleted by the interrupted attempt") % {"n": len(earlier)}
     else:
         gone = [lock_id for lock_id, _still in not_deleted]
-    LockReleaseBatch.objects.filter(pk=batch.pk).update(
-        status=ReleaseBatchStatus.DONE,
-        deleted_count=deleted_count,
-        gone_ids=gone,
-        note=note,
-        done_at=timezone.now(),
-    )
     run_counts = progress.by_run.setdefault(str(batch.billing_id), {"released": 0, "by_entity_type": {}})
     for entity_type, n in deleted_by_type.items():
         progress.by_type[entity_type] += n
         run_counts["by_entity_type"][entity_type] = run_counts["by_entity_type"].get(entity_type, 0) + n
     run_counts["released"] += released
-    if gone:
-        ctx.log(
-            _("Run %(run)s, batch %(n)s: %(g)s planned locks were gone or had changed; left alone.")
-            % {"run": batch.billing_id, "n": batch.batch_no + 1, "g": len(gone)},
-            level="warning",
-        )
     progress.done += batch.size
-    ctx.progress(
-        progress.done,
-        progress.planned,
-        _("Run %(run)s: batch %(n)s done") % {"run": batch.billing_id, "n": batch.batch_no + 1},
-    )
+    with transaction.atomic():  # the batch's record and the job's progress: one commit
+        LockReleaseBatch.objects.filter(pk=batch.pk).update(
+            status=ReleaseBatchStatus.DONE,
+            deleted_count=deleted_count,
+            gone_ids=gone,
+            note=note,
+            done_at=timezone.now(),
+        )
+        if gone:
+            ctx.log(
+                _("Run %(run)s, batch %(n)s: %(g)s planned locks were gone or had changed; left alone.")
+                % {"run": batch.billing_id, "n": batch.batch_no + 1, "g": len(gone)},
+                level="warning",
+            )
+        ctx.progress(
+            progress.done,
+            progress.planned,
+            _("Run %(run)s: batch %(n)s done") % {"run": batch.billing_id, "n": batch.batch_no + 1},
+        )
 
 
 def _check_still_eligible(

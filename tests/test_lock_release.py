@@ -118,18 +118,29 @@ def test_a_lock_whose_values_changed_in_place_is_left_alone(operator, env_with_r
     assert job.result["released"] == 34 and job.result["gone"] == 1
 
 
+def _xmin_of(env, lock_id: str) -> int:
+    with connections[env.alias].cursor() as cursor:
+        cursor.execute("SELECT xmin::text::bigint FROM lock.locks WHERE id = %s", [lock_id])
+        return cursor.fetchone()[0]
+
+
 @pytest.mark.parametrize("system_only", [False, True])
-@pytest.mark.parametrize("fingerprint_differs", [False, True])
-def test_a_batch_whose_deleted_rows_do_not_match_the_preview_fingerprint_is_undone_and_compared_row_by_row(
-    operator, env_with_runs, monkeypatch, fingerprint_differs, system_only
+@pytest.mark.parametrize("change", ["none", "horizon", "table rewritten"])
+def test_a_batch_whose_tuples_may_not_be_the_previewed_ones_is_compared_row_by_row(
+    operator, env_with_runs, monkeypatch, change, system_only
 ) -> None:
-    # Where a changed row's new version lands in the heap is up to PostgreSQL, so the
-    # fingerprint check is proven directly: the preview's fingerprint is made to differ from
-    # the rows (which match the plan), and the batch must take the exact path.
+    # The fast path trusts a tuple at a planned ctid only if it is older than the preview's
+    # snapshot and in the same table file. Both checks are proven directly: the plan's
+    # horizon is moved back to the transaction that inserted a planned row (so that row
+    # counts as newer than the preview), or VACUUM FULL moves every tuple to a new file.
+    # Either way the batch must take the exact path, and still release every planned row.
     env = env_with_runs
     plan = release.release_plan_prepare(actor=operator, env=env, run_ids=[1], system_only=system_only)
-    if fingerprint_differs:
-        LockReleaseBatch.objects.filter(plan=plan).update(digest="12345")
+    if change == "horizon":
+        LockReleasePlan.objects.filter(pk=plan.pk).update(xmin_horizon=_xmin_of(env, "r1-s-mix-3"))
+    elif change == "table rewritten":
+        with connections[env.alias].cursor() as cursor:
+            cursor.execute("VACUUM FULL lock.locks")
     exact_path: list[int] = []
     load_plan = release._load_plan
     monkeypatch.setattr(release, "_load_plan", lambda *a, **k: (exact_path.append(1), load_plan(*a, **k)))
@@ -138,7 +149,31 @@ def test_a_batch_whose_deleted_rows_do_not_match_the_preview_fingerprint_is_undo
     job.refresh_from_db()
     left = lock_ids(env, "billing_id = 1 AND NOT system_lock") if system_only else set()
     assert lock_ids(env, "billing_id = 1") == left and job.result["released"] == 35 - len(left)
-    assert exact_path == ([1] if fingerprint_differs else [])
+    assert job.result["by_entity_type"] == plan.summary["by_entity_type"]
+    assert exact_path == ([] if change == "none" else [1])
+    said = [line.message for line in job.log_lines.all() if "row by row" in line.message]
+    assert len(said) == (0 if change == "none" else 1)  # env_with_runs: one batch for run 1
+
+
+def test_a_new_lock_in_a_planned_locks_old_place_is_not_deleted(operator, env_with_runs) -> None:
+    # The platform deletes a planned lock, VACUUM frees its line pointer, and a new lock of
+    # the same run is stored at exactly that ctid: the job must not take it for the old one.
+    env = env_with_runs
+    plan = release.release_plan_prepare(actor=operator, env=env, run_ids=[1], system_only=False)
+    with connections[env.alias].cursor() as cursor:
+        cursor.execute("SELECT ctid::text FROM lock.locks WHERE id = 'r1-s-mix-3'")
+        planned_place = cursor.fetchone()[0]
+        cursor.execute("DELETE FROM lock.locks WHERE id = 'r1-s-mix-3'")
+        cursor.execute("VACUUM lock.locks")
+    make_locks(env, 1, 1, prefix="late")
+    with connections[env.alias].cursor() as cursor:
+        cursor.execute("SELECT ctid::text FROM lock.locks WHERE id = 'late-1'")
+        assert cursor.fetchone()[0] == planned_place  # PostgreSQL reused the freed slot
+    job = release.release_request(actor=operator, plan_id=plan.pk, digest=plan.digest)
+    services.job_execute(job_id=job.pk, worker="test")
+    job.refresh_from_db()
+    assert lock_ids(env, "billing_id = 1") == {"late-1"}
+    assert job.result["released"] == 34 and job.result["gone"] == 1
 
 
 def test_a_run_that_is_running_again_is_skipped_with_the_reason(
@@ -247,7 +282,7 @@ def test_batches_altered_after_approval_delete_nothing(operator, env_with_runs) 
     env = env_with_runs
     plan = release.release_plan_prepare(actor=operator, env=env, run_ids=[1], system_only=False)
     job = release.release_request(actor=operator, plan_id=plan.pk, digest=plan.digest)
-    LockReleaseBatch.objects.filter(plan=plan).update(last_line=999)  # widen the range in the database
+    LockReleaseBatch.objects.filter(plan=plan).update(tids='{"(0,1)"}')  # point it elsewhere
     assert services.job_execute(job_id=job.pk, worker="test") == JobStatus.FAILED
     assert "do not match" in Job.objects.get(pk=job.pk).error
     assert len(lock_ids(env, "billing_id = 1")) == 35 and len(lock_ids(env, "billing_id = 2")) == 7
