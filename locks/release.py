@@ -616,6 +616,34 @@ def _release_run(
         conn.execute("SELECT pg_advisory_unlock(%s, %s)", [ADVISORY_NAMESPACE, run_id])
 
 
+def _eligibility_params(env: Environment, run_id: int, labels: list[str]) -> dict[str, Any]:
+    """The parameters of ELIGIBLE_RUN_CTE for one run."""
+    return {
+        "run": run_id,
+        "eligible": [COMPLETED, *error_path_statuses(labels)],
+        "tz": env.time_zone,
+        "stale": timedelta(minutes=settings.STALE_RUN_AFTER_MIN),
+    }
+
+
+def fast_delete_batch(
+    conn: psycopg.Connection[Any],
+    env: Environment,
+    plan: LockReleasePlan,
+    batch: LockReleaseBatch,
+    labels: list[str],
+) -> int:
+    """FAST_DELETE_SQL for one batch, in the caller's transaction: how many tuples it deleted."""
+    params = {
+        **_eligibility_params(env, batch.billing_id, labels),
+        "tids": batch.tids,
+        "filenode": plan.table_filenode,
+        "horizon": str(plan.xmin_horizon),
+    }
+    statement = FAST_DELETE_SQL.format(system_only="AND l.system_lock" if plan.system_only else "")
+    return conn.execute(statement, params).rowcount
+
+
 def _release_batch(
     ctx: JobContext,
     conn: psycopg.Connection[Any],
@@ -626,25 +654,15 @@ def _release_batch(
 ) -> None:
     resuming = batch.status == ReleaseBatchStatus.DELETING
     LockReleaseBatch.objects.filter(pk=batch.pk).update(status=ReleaseBatchStatus.DELETING)
-    params = {
-        "run": batch.billing_id,
-        "batch": batch.batch_no,
-        "eligible": [COMPLETED, *error_path_statuses(labels)],
-        "tz": env.time_zone,
-        "stale": timedelta(minutes=settings.STALE_RUN_AFTER_MIN),
-        "tids": batch.tids,
-        "filenode": progress.plan.table_filenode,
-        "horizon": str(progress.plan.xmin_horizon),
-    }
-    fast_sql = FAST_DELETE_SQL.format(system_only="AND l.system_lock" if progress.plan.system_only else "")
+    params = {**_eligibility_params(env, batch.billing_id, labels), "batch": batch.batch_no}
 
     def fast() -> dict[str, int]:
-        deleted = conn.execute(fast_sql, params).rowcount
+        deleted = fast_delete_batch(conn, env, progress.plan, batch, labels)
         if deleted != batch.size:
             if deleted == 0:  # a run no longer eligible stops here, before the plan is loaded
                 _check_still_eligible(conn, env, batch.billing_id, labels)
             raise _NotAsPreviewed  # rolls back whatever this statement deleted
-        return {entity_type: int(n) for entity_type, n in batch.by_entity_type.items()}
+        return dict(batch.by_entity_type)
 
     if progress.plan.xmin_horizon is not None:
         try:

@@ -16,10 +16,8 @@ from __future__ import annotations
 import statistics
 import threading
 import time
-from datetime import timedelta
 from typing import Any
 
-from django.conf import settings
 from django.contrib.auth.models import Group, User
 from django.db import connections
 
@@ -28,7 +26,7 @@ from billing_ops.environments import environment_connect, get_environment
 from billing_ops.models import Job, JobLogLine
 from billing_ops.selectors import billing_status_labels
 from locks import release
-from locks.models import LockReleaseBatch
+from locks.models import LockReleaseBatch, LockReleasePlan
 
 BIG_RUN_NUMBER = "BILLING202511200006"
 READER_PAUSE_S = 0.002
@@ -84,7 +82,9 @@ def _vacuum(env: Any) -> None:
         conn.execute("VACUUM (ANALYZE) lock.locks")
 
 
-def _round(env: Any, run_id: int, reader_lock: str, operator: User, approver: User) -> dict[str, Any]:
+def _round(
+    env: Any, run_id: int, reader_lock: str, operator: User, approver: User, *, row_by_row_only: bool = False
+) -> dict[str, Any]:
     def bare_delete() -> None:
         with environment_connect(env) as conn:
             conn.execute("SET statement_timeout = 0")
@@ -97,6 +97,8 @@ def _round(env: Any, run_id: int, reader_lock: str, operator: User, approver: Us
     started = time.perf_counter()
     plan = release.release_plan_prepare(actor=operator, env=env, run_ids=[run_id], system_only=False)
     preview_s = time.perf_counter() - started
+    if row_by_row_only:  # as a plan made before the fast path existed: every batch row by row
+        LockReleasePlan.objects.filter(pk=plan.pk).update(xmin_horizon=None)
     job = release.release_request(actor=operator, plan_id=plan.pk, digest=plan.digest)
     ours_s, our_reader = with_reader(
         env, reader_lock, lambda: services.job_execute(job_id=job.pk, worker="bench")
@@ -132,8 +134,7 @@ def _statement_costs(env: Any, run_id: int, operator: User) -> None:
     plan = release.release_plan_prepare(actor=operator, env=env, run_ids=[run_id], system_only=False)
     batches = list(LockReleaseBatch.objects.filter(plan=plan).order_by("batch_no"))
     with connections[env.alias].cursor() as cursor:
-        eligible = [release.COMPLETED, *release.error_path_statuses(billing_status_labels(cursor))]
-    fast_sql = release.FAST_DELETE_SQL.format(system_only="")
+        labels = billing_status_labels(cursor)
     times: dict[str, list[float]] = {"bare DELETE": [], "the release's batch statements": []}
     for _round_no in range(ROUNDS):
         with environment_connect(env) as conn:
@@ -146,19 +147,7 @@ def _statement_costs(env: Any, run_id: int, operator: User) -> None:
             started = time.perf_counter()
             for batch in batches:
                 with conn.transaction(force_rollback=True):
-                    conn.execute("SET LOCAL enable_seqscan = off")
-                    deleted = conn.execute(
-                        fast_sql,
-                        {
-                            "run": run_id,
-                            "eligible": eligible,
-                            "tz": env.time_zone,
-                            "stale": timedelta(minutes=settings.STALE_RUN_AFTER_MIN),
-                            "tids": batch.tids,
-                            "filenode": plan.table_filenode,
-                            "horizon": str(plan.xmin_horizon),
-                        },
-                    ).rowcount
+                    deleted = release.fast_delete_batch(conn, env, plan, batch, labels)
                     assert deleted == batch.size, (deleted, batch.size)
             times["the release's batch statements"].append((time.perf_counter() - started) * 1000)
     print(f"  the statements alone, whole run, rolled back (medians of {ROUNDS}):")
@@ -214,6 +203,13 @@ def main() -> None:
     print(
         f"  release / bare DELETE, per round: median {statistics.median(ratios):.2f}x, "
         f"range {ratios[0]:.2f}x-{ratios[-1]:.2f}x"
+    )
+    exact = _round(env, run_id, reader_lock, operator, approver, row_by_row_only=True)
+    print(
+        f"  one more round, every batch compared row by row (the fallback): bare DELETE "
+        f"{exact['bare_s'] * 1000:.1f} ms, release {exact['ours_s'] * 1000:.1f} ms "
+        f"({exact['ours_s'] / exact['bare_s']:.2f}x), slowest concurrent read "
+        f"{max(exact['bare_read_ms'], exact['our_read_ms']):.1f} ms"
     )
     _statement_costs(env, run_id, operator)
     restore_ms = median("restore_s") * 1000
