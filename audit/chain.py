@@ -19,10 +19,8 @@ Every ``audit_logs`` row links to the one before it in ``created_at`` order: its
         and no float rounding enters;
       - previous_hash is "" for the first row of a chain (and null in the column).
 
-The content hash does not depend on the chain, so it can be computed for a million rows
-at once in SQL (``reconciliation.upsert`` does: PostgreSQL's ``to_json(text)`` escapes
-strings exactly as Python's ``json.dumps(..., ensure_ascii=False)``); only the cheap
-second step runs in order.
+The content hash does not depend on the chain; only the cheap second step must run in
+order (``reconciliation.auditlog`` computes both as it writes a run's rows).
 
 Rows the dashboard writes carry ``"hash_scheme": "billing-ops/2"`` in ``new_data``; rows
 of other writers (whose formula is unknown) are checked for linkage only.

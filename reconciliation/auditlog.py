@@ -2,15 +2,16 @@
 
 The upsert (``upsert_missing_lines``) and the rollback (``rollback_missing_lines``) both
 write one audit row per line they changed, up to a million in one transaction. Both
-describe their rows as a SELECT over their own temporary tables, and ``append_audit_rows``
-does the rest, the same way for both:
+describe their rows as a SELECT over their own temporary tables yielding the raw values
+(``AuditObject`` says which go into ``new_data`` and ``old_data``), and
+``append_audit_rows`` does the rest, the same way for both:
 
-* the rows' ``new_data`` and ``old_data`` are built in SQL, once, as the canonical JSON of
-  ``audit.chain`` (``json_object_sql``: keys sorted, every value a JSON string, escaped by
-  PostgreSQL's ``to_json(text)`` exactly as Python's ``json.dumps(..., ensure_ascii=False)``);
-* here, row by row in chain order, the row's canonical JSON is assembled around them, its
-  content hash and chain hash computed, and the finished row written with ``COPY`` (the
-  server stores one row while the next is hashed);
+* here, row by row in chain order, ``new_data`` and ``old_data`` are written as the
+  canonical JSON of ``audit.chain`` (keys sorted, every value a JSON string escaped by
+  ``json``'s own encoder, as ``json.dumps(..., ensure_ascii=False)`` does), the row's
+  canonical JSON assembled around them, its content hash and chain hash computed, and the
+  finished row sent to the server with ``COPY``. The server stores (and parses into jsonb)
+  the rows already sent while the next ones are built, so the two cores work at once;
 * the table is locked against other writers (SHARE ROW EXCLUSIVE) from reading the chain's
   head until the caller's commit; the rows' ``created_at`` are one microsecond apart after
   the head, and this waits until the clock has passed the last of them, so a row another
@@ -19,11 +20,12 @@ does the rest, the same way for both:
 
 from __future__ import annotations
 
-import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from hashlib import sha256
+from json.encoder import encode_basestring  # json.dumps(str, ensure_ascii=False), in C
 from typing import Any
 
 from audit.chain import HASH_SCHEME, chain_hash, format_created_at
@@ -31,57 +33,97 @@ from audit.chain import HASH_SCHEME, chain_hash, format_created_at
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 CHAIN_CHUNK_ROWS = 50_000
+COPY_FLUSH_ROWS = 1_000  # rows sent to the server per write while the next are built
 ACTION_PATTERN = re.compile(r"[a-z][a-z_]*")
-
-
-class AuditWriteFailed(Exception):
-    """Fewer or more audit rows were written than lines changed (the caller rolls back)."""
-
-
-class Constant(str):
-    """A value known when the SQL is written (e.g. the hash scheme), embedded as a literal."""
-
-
-def json_object_sql(fields: Mapping[str, str | Constant]) -> str:
-    """A SQL expression yielding the canonical JSON text of an object.
-
-    ``fields`` maps each key to a SQL expression of type text (never NULL: the whole
-    object would be NULL), or to a ``Constant``. Keys are written in sorted order.
-    """
-    parts = []
-    for key in sorted(fields):
-        value = fields[key]
-        if isinstance(value, Constant):
-            literal = json.dumps(str(value), ensure_ascii=False)
-            parts.append(_sql_literal(f"{json.dumps(key)}:{literal}"))
-        else:
-            parts.append(_sql_literal(f"{json.dumps(key)}:") + f" || to_json(({value})::text)::text")
-    return "'{' || " + " || ',' || ".join(parts) + " || '}'"
-
-
-def _sql_literal(text: str) -> str:
-    # The SQL is run with parameters: a literal '%' must be doubled for psycopg.
-    return "'" + text.replace("'", "''").replace("%", "%%") + "'"
-
-
-SCHEME = Constant(HASH_SCHEME)
+KEY_PATTERN = re.compile(r"[a-z][a-z_]*")
+_COPY_SPECIAL = re.compile(r"[\\\t\n\r]")
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+_COPY_NULL = "\\N"
 _COPY_SQL = (
     "COPY public.audit_logs (action, record_id, old_data, new_data, hash, previous_hash, created_at)"
     " FROM STDIN"
 )
 
 
+class AuditWriteFailed(Exception):
+    """Fewer or more audit rows were written than lines changed (the caller rolls back)."""
+
+
+@dataclass(frozen=True)
+class AuditObject:
+    """How one JSON object of an audit row (``new_data`` or ``old_data``) is made.
+
+    ``columns``: keys whose values the rows' SELECT yields as text, in columns named
+    ``<prefix>_<key>`` (``new_amount``, ``old_amount``); a NULL value leaves its key out.
+    ``constants``: keys with the same value on every row (the run id, the hash scheme).
+    An object left with no keys is written as null.
+    """
+
+    columns: tuple[str, ...]
+    constants: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for key in (*self.columns, *self.constants):
+            if not KEY_PATTERN.fullmatch(key):
+                raise ValueError(f"not an audit data key: {key!r}")
+        if set(self.columns) & set(self.constants):
+            raise ValueError("a key is both a column and a constant")
+
+    def select_list(self, prefix: str) -> list[str]:
+        return [f"({prefix}_{key})::text" for key in self.columns]
+
+    def template(self, first_column: int) -> tuple[tuple[str, int, str], ...]:
+        """(``"key":``, the row's column index or -1, the constant's JSON) in key order."""
+        where = {key: first_column + i for i, key in enumerate(self.columns)}
+        return tuple(
+            (
+                encode_basestring(key) + ":",
+                where.get(key, -1),
+                encode_basestring(self.constants[key]) if key in self.constants else "",
+            )
+            for key in sorted((*self.columns, *self.constants))
+        )
+
+
+NO_OBJECT = AuditObject(columns=())  # old_data of rows that have none: always null
+SCHEME_CONSTANT = {"hash_scheme": HASH_SCHEME}
+
+
+def _render(template: tuple[tuple[str, int, str], ...], row: Sequence[Any]) -> str | None:
+    """The canonical JSON of one object of ``row`` (keys sorted, values JSON strings)."""
+    items = []
+    for key, index, constant in template:
+        if index < 0:
+            items.append(key + constant)
+        elif (value := row[index]) is not None:
+            items.append(key + encode_basestring(value))
+    return "{" + ",".join(items) + "}" if items else None
+
+
+def _copy_text(value: str) -> str:
+    """``value`` as a field of COPY's text format."""
+    return value.translate(_COPY_ESCAPES) if _COPY_SPECIAL.search(value) else value
+
+
 def append_audit_rows(
-    cur: Any, *, action: str, rows_sql: str, rows: int, span: int | None = None, params: Mapping[str, Any]
+    cur: Any,
+    *,
+    action: str,
+    rows_sql: str,
+    rows: int,
+    span: int | None = None,
+    params: Mapping[str, Any],
+    new_data: AuditObject,
+    old_data: AuditObject = NO_OBJECT,
 ) -> tuple[int, str | None]:
     """Append ``rows`` chained audit rows; returns (rows written, the chain's new head).
 
     ``rows_sql`` is a SELECT yielding ``k`` (the order along the chain: distinct, from 1 to
-    ``span``, which defaults to ``rows``; gaps are allowed), ``record_id`` (text),
-    ``new_json`` and ``old_json`` (canonical JSON text from ``json_object_sql``; ``old_json``
-    may be NULL), restricted to ``k > %(low)s AND k <= %(high)s``; ``params`` fills its
-    other placeholders. The rows are read a chunk of ``CHAIN_CHUNK_ROWS`` k at a time and
-    written with COPY while the next row's hashes are computed. Memory: one chunk's JSON.
+    ``span``, which defaults to ``rows``; gaps are allowed), ``record_id`` (text), and the
+    columns ``new_<key>`` of ``new_data`` and ``old_<key>`` of ``old_data``, restricted to
+    ``k > %(low)s AND k <= %(high)s``; ``params`` fills its other placeholders. The rows are
+    read a chunk of ``CHAIN_CHUNK_ROWS`` k at a time and written with COPY while the next
+    rows are built and hashed. Memory: one chunk's values.
     """
     if not ACTION_PATTERN.fullmatch(action):
         raise ValueError(f"not an audit action: {action!r}")
@@ -97,36 +139,57 @@ def append_audit_rows(
     if head is not None and first <= head[1]:
         first = head[1] + timedelta(microseconds=1)
     stamps = _Stamps(first)
-    # The canonical JSON of audit.chain, assembled around the rows' JSON (already canonical).
-    action_json = json.dumps(action, ensure_ascii=False)
-    opening = '{"action":' + action_json + ',"created_at":"'
+    new_template = new_data.template(1)
+    old_template = old_data.template(1 + len(new_data.columns))
+    columns = ", ".join(["record_id::text", *new_data.select_list("new"), *old_data.select_list("old")])
+    select = f"SELECT {columns} FROM ({rows_sql}) a ORDER BY k"
+    # The canonical JSON of audit.chain: {"action", "created_at", "new_data", "old_data", "record_id"}.
+    opening = '{"action":' + encode_basestring(action) + ',"created_at":"'
     written = 0
     with cur.connection.cursor() as sink:
         for low in range(0, span or rows, CHAIN_CHUNK_ROWS):
-            cur.execute(
-                f"SELECT record_id, new_json, old_json FROM ({rows_sql}) a ORDER BY k",
-                {**params, "low": low, "high": low + CHAIN_CHUNK_ROWS},
-            )
+            cur.execute(select, {**params, "low": low, "high": low + CHAIN_CHUNK_ROWS})
             with sink.copy(_COPY_SQL) as copy:
-                for record_id, new_json, old_json in cur:
+                lines = []
+                for row in cur:
+                    record_id = row[0]
+                    new_json = _render(new_template, row)
+                    old_json = _render(old_template, row)
                     stamp = stamps.next()
                     canonical = "".join(
                         (
                             opening,
                             stamp,
                             '","new_data":',
-                            new_json,
+                            "null" if new_json is None else new_json,
                             ',"old_data":',
                             "null" if old_json is None else old_json,
                             ',"record_id":',
-                            json.dumps(record_id, ensure_ascii=False),
+                            "null" if record_id is None else encode_basestring(record_id),
                             "}",
                         )
                     )
                     digest = chain_hash(previous, sha256(canonical.encode("utf-8")).hexdigest())
-                    copy.write_row((action, record_id, old_json, new_json, digest, previous, stamp))
+                    lines.append(
+                        "\t".join(
+                            (
+                                action,
+                                _COPY_NULL if record_id is None else _copy_text(record_id),
+                                _COPY_NULL if old_json is None else _copy_text(old_json),
+                                _COPY_NULL if new_json is None else _copy_text(new_json),
+                                digest,
+                                _COPY_NULL if previous is None else previous,
+                                stamp,
+                            )
+                        )
+                    )
                     previous = digest
                     written += 1
+                    if len(lines) == COPY_FLUSH_ROWS:
+                        copy.write("\n".join(lines) + "\n")
+                        lines = []
+                if lines:
+                    copy.write("\n".join(lines) + "\n")
     if written != rows:
         raise AuditWriteFailed(f"wrote {written} audit rows for {rows} changed lines")
     # Whoever appends after our commit stamps clock_timestamp(): it must sort after our last row.

@@ -51,7 +51,7 @@ from billing_ops.environments import Environment, environment_connect, get_envir
 from billing_ops.models import Job, JobStatus
 from billing_ops.notifications import notify_stakeholders
 from billing_ops.services import Actor, JobContext, JobRefused, job_request, user_of
-from reconciliation.auditlog import SCHEME, append_audit_rows, json_object_sql
+from reconciliation.auditlog import SCHEME_CONSTANT, AuditObject, append_audit_rows
 from reconciliation.duplicates import pin_session
 from reconciliation.models import RollbackStatus, RunRollback, UpsertRun, UpsertRunStatus
 from reconciliation.upsert import UPSERT_ACTION, UpsertRefused, check_run_id
@@ -355,19 +355,25 @@ def rollback_approval_check(job: Job) -> None:
 # --- Running -------------------------------------------------------------------------------------
 
 
-_ROLLBACK_TAGS = {"hash_scheme": SCHEME, "run_id": "%(run_id)s::text", "rollback_job": "%(job)s::text"}
-_DELETE_JSON = json_object_sql({**_ROLLBACK_TAGS, "operation": "'delete'"})
-_RESTORE_JSON = json_object_sql(
-    {**_ROLLBACK_TAGS, "operation": "'restore'", **{c: f"a.{c}" for c in LINE_VALUES}}
-)
-_BEFORE_JSON = json_object_sql({c: f"p.{c}" for c in LINE_VALUES})  # the line as the rollback found it
+# A rollback's audit row: new_data is the operation and the run's tags, with the line's
+# restored values for a restore (a delete's values are NULL: left out); old_data the line
+# as the rollback found it.
+_OLD_DATA = AuditObject(columns=LINE_VALUES)
+_NEW_VALUES = ", ".join(f"a.{c} AS new_{c}" for c in LINE_VALUES)  # NULL for a delete
+_OLD_VALUES = ", ".join(f"p.{c} AS old_{c}" for c in LINE_VALUES)
 _AUDIT_ROWS = f"""
-    SELECT a.k, a.id::text AS record_id,
-           CASE WHEN a.operation = 'delete' THEN {_DELETE_JSON} ELSE {_RESTORE_JSON} END AS new_json,
-           {_BEFORE_JSON} AS old_json
+    SELECT a.k, a.id AS record_id, a.operation AS new_operation, {_NEW_VALUES}, {_OLD_VALUES}
       FROM rollback_applied a JOIN rollback_plan p ON p.line_id = a.id
      WHERE a.k > %(low)s AND a.k <= %(high)s
 """
+
+
+def _new_data(run_id: str, job_id: int) -> AuditObject:
+    return AuditObject(
+        columns=("operation", *LINE_VALUES),
+        constants={**SCHEME_CONSTANT, "run_id": run_id, "rollback_job": str(job_id)},
+    )
+
 
 _APPLY_SQL = """
 CREATE TEMPORARY TABLE rollback_applied (k bigint, id uuid, operation text, invoice_id text, unit_id text,
@@ -483,7 +489,9 @@ def rollback_run(
             action=ROLLBACK_ACTION,
             rows_sql=_AUDIT_ROWS,
             rows=applied,
-            params={"run_id": run_id, "job": str(job_id)},
+            params={},
+            new_data=_new_data(run_id, job_id),
+            old_data=_OLD_DATA,
         )
         report.check_cancel()
     outcome.duration_ms = round((time.monotonic() - started) * 1000)

@@ -12,17 +12,19 @@ What one run does, in one transaction of the environment database:
    others are counted, reported and dropped: the upsert never meets the same key twice, so
    "ON CONFLICT DO UPDATE command cannot affect row a second time" cannot happen, within a
    batch or across batches);
-4. locks the existing lines the file's keys meet (``FOR UPDATE``, one statement) and keeps
-   their values for the audit rows;
+4. locks the existing lines the file's keys meet (``FOR UPDATE``, one statement), keeping
+   their values for the audit rows and whether the file changes them;
 5. per batch of ``batch_size`` rows, in the file's order:
    ``INSERT ... ON CONFLICT (invoice_id, unit_id, line_type, normalized_description)
    DO UPDATE ... WHERE (description, quantity, amount) IS DISTINCT FROM ...``: identical
-   lines are not rewritten (and get no audit row). New lines get time-ordered ids
-   (``_NEW_ID``); if another session inserted one of the file's keys after step 4, the run
-   stops (its old values would be unknown);
+   lines are not rewritten (and get no audit row), and only lines locked in step 4 are.
+   New lines get time-ordered ids (``_NEW_ID``). The lines written must be exactly the
+   file's new keys and the changed lines step 4 found: if another session inserted one of
+   the file's keys after step 4, the count differs and the run stops (that line's old
+   values would be unknown);
 6. writes one ``audit_logs`` row per inserted or updated line, chained
-   (``reconciliation.auditlog``): ``new_data``/``old_data`` built in SQL, the hashes
-   chained in order here and the rows written with COPY. The table is locked against
+   (``reconciliation.auditlog``): the rows' values read in chunks, ``new_data``/``old_data``
+   and the hashes built here in chain order, the rows written with COPY meanwhile. The table is locked against
    other writers (SHARE ROW EXCLUSIVE) from reading the chain's head until commit, the
    rows' ``created_at`` are one microsecond apart after the head, and the commit waits
    until the clock has passed the last of them, so rows appended after ours sort after ours;
@@ -42,7 +44,7 @@ from typing import Any, Protocol
 
 from django.conf import settings
 
-from reconciliation.auditlog import SCHEME, append_audit_rows, json_object_sql
+from reconciliation.auditlog import SCHEME_CONSTANT, AuditObject, append_audit_rows
 from reconciliation.csvfile import STAGING_TABLE, STAGING_TABLE_SQL, CsvError, CsvHeader, copy_error
 
 UPSERT_ACTION = "upsert_missing_lines"
@@ -164,15 +166,16 @@ def batch_upsert(
                     "the last row in the file wins"
                 )
             upsert_started = time.monotonic()
-            existing = _lock_existing_lines(cur)
+            existing, changed = _lock_existing_lines(cur)
             ids = new_line_ids()
-            outcome.batches, outcome.inserted, outcome.updated = _upsert_batches(
+            outcome.batches, written = _upsert_batches(
                 cur, keys=keys, batch_size=batch_size, report=report, ids=ids
             )
             _refuse_lines_inserted_meanwhile(
-                cur, inserted=outcome.inserted, expected=keys - existing, ids=ids
+                cur, written=written, expected=keys - existing + changed, ids=ids
             )
-            outcome.unchanged = keys - outcome.inserted - outcome.updated
+            outcome.inserted, outcome.updated = keys - existing, changed
+            outcome.unchanged = existing - changed
             outcome.upsert_ms = round((time.monotonic() - upsert_started) * 1000)
             report.log(
                 f"{PREFIX} Upsert complete: {outcome.inserted} inserted, {outcome.updated} updated "
@@ -190,7 +193,9 @@ def batch_upsert(
                 rows_sql=_AUDIT_ROWS,
                 rows=outcome.inserted + outcome.updated,
                 span=outcome.rows_streamed,
-                params={"run_id": run_id, **ids},
+                params=ids,
+                new_data=_new_data(run_id),
+                old_data=_OLD_DATA,
             )
             report.log(f"{PREFIX} Audit logs written for run_id={run_id}")
             report.check_cancel()
@@ -236,6 +241,8 @@ _KEY_JOIN = (
 # counter seeded once per run and advanced by the file's row number (the RFC's "monotonic
 # random" method). The ids of one run are adjacent in the primary key's index, where
 # ``gen_random_uuid()`` would scatter a million inserts across it.
+# Whether the file's row ``s`` changes the line ``l`` (the upsert's DO UPDATE condition).
+_CHANGES = "(l.description, l.quantity, l.amount) IS DISTINCT FROM (s.description, s.quantity, s.amount)"
 _NEW_ID = "(%(id_prefix)s || to_hex((%(id_seed)s::bigint + s.record) | (-9223372036854775808)::bigint))::uuid"
 _ID_SEED_ROOM = 1 << 40  # more rows than any file can have: seed + record stays under 2**62
 
@@ -255,8 +262,7 @@ def _keep_last_rows(cur: Any) -> tuple[int, list[dict[str, Any]]]:
     cur.execute(
         f"""
         CREATE TEMPORARY TABLE upsert_repeated ON COMMIT DROP AS
-        SELECT invoice_id, unit_id, line_type, nd, max(record) AS last,
-               array_agg(record ORDER BY record) AS records
+        SELECT invoice_id, unit_id, line_type, nd, min(record) AS first, max(record) AS last
           FROM {STAGING_TABLE} GROUP BY invoice_id, unit_id, line_type, nd HAVING count(*) > 1
         """
     )
@@ -264,8 +270,13 @@ def _keep_last_rows(cur: Any) -> tuple[int, list[dict[str, Any]]]:
         duplicates, examples = 0, []
     else:
         cur.execute(
-            "SELECT invoice_id, unit_id, line_type, nd, records FROM upsert_repeated"
-            " ORDER BY records[1] LIMIT %s",
+            f"""
+            SELECT r.invoice_id, r.unit_id, r.line_type, r.nd, array_agg(s.record ORDER BY s.record)
+              FROM (SELECT * FROM upsert_repeated ORDER BY first LIMIT %s) r
+              JOIN {STAGING_TABLE} s
+                ON (s.invoice_id, s.unit_id, s.line_type, s.nd) = (r.invoice_id, r.unit_id, r.line_type, r.nd)
+             GROUP BY r.invoice_id, r.unit_id, r.line_type, r.nd, r.first ORDER BY r.first
+            """,
             [DUPLICATE_EXAMPLES],
         )
         examples = [
@@ -292,34 +303,38 @@ def _keep_last_rows(cur: Any) -> tuple[int, list[dict[str, Any]]]:
     return duplicates, examples
 
 
-def _lock_existing_lines(cur: Any) -> int:
+def _lock_existing_lines(cur: Any) -> tuple[int, int]:
     """Lock (``FOR UPDATE``) the lines the file's keys already have, keeping their values
-    for the audit rows' ``old_data``: how many there are."""
+    for the audit rows' ``old_data`` and whether the file changes them: (how many lines,
+    how many the file changes). Locked, they cannot change until the run ends, so the
+    upsert below rewrites exactly the ``changed`` ones."""
     cur.execute(
         f"""
         CREATE TEMPORARY TABLE upsert_old ON COMMIT DROP AS
-        SELECT s.record, l.id, l.invoice_id, l.unit_id, l.line_type, l.description,
-               l.quantity::text AS quantity, l.amount::text AS amount
+        SELECT s.record, l.id, l.invoice_id, l.unit_id, l.line_type, l.description, l.quantity, l.amount,
+               {_CHANGES} AS changed
           FROM {STAGING_TABLE} s JOIN public.invoice_lines l ON {_KEY_JOIN}
            FOR UPDATE OF l
         """
     )
-    existing = int(cur.rowcount)
     cur.execute(
         """
         ALTER TABLE upsert_old ADD PRIMARY KEY (record);
+        CREATE UNIQUE INDEX ON upsert_old (id);
         ANALYZE upsert_old;
-        CREATE TEMPORARY TABLE upsert_updated (id uuid PRIMARY KEY) ON COMMIT DROP;
         """
     )
-    return existing
+    cur.execute("SELECT count(*), count(*) FILTER (WHERE changed) FROM upsert_old")
+    existing, changed = cur.fetchone()
+    return int(existing), int(changed)
 
 
 def _upsert_batches(
     cur: Any, *, keys: int, batch_size: int, report: Reporter, ids: dict[str, Any]
-) -> tuple[int, int, int]:
+) -> tuple[int, int]:
     """``INSERT ... ON CONFLICT DO UPDATE`` the rows, ``batch_size`` of them at a time in
-    the file's order: (batches, inserted, updated). Updated lines' ids go to upsert_updated."""
+    the file's order: (batches, lines written). A line is rewritten only if this run locked
+    it (it is in upsert_old) and the file changes it."""
     cur.execute(
         f"""
         SELECT record FROM (SELECT record, row_number() OVER (ORDER BY record) AS n FROM {STAGING_TABLE}) r
@@ -329,46 +344,40 @@ def _upsert_batches(
     )
     highs = [high for (high,) in cur.fetchall()]
     report.progress(0, len(highs) + 1, f"Normalized: {keys} keys, {len(highs)} batches to upsert")
-    inserted = updated = 0
+    written = 0
     low = 0
     for number, high in enumerate(highs, start=1):
         report.check_cancel()
         cur.execute(
             f"""
-            WITH up AS (
-                INSERT INTO public.invoice_lines AS l
-                       (id, invoice_id, unit_id, line_type, description, normalized_description,
-                        quantity, amount)
-                SELECT {_NEW_ID}, s.invoice_id, s.unit_id, s.line_type, s.description, s.nd,
-                       s.quantity, s.amount
-                  FROM {STAGING_TABLE} s WHERE s.record > %(low)s AND s.record <= %(high)s
-                    ON CONFLICT (invoice_id, unit_id, line_type, normalized_description) DO UPDATE
-                   SET description = excluded.description, quantity = excluded.quantity,
-                       amount = excluded.amount
-                 WHERE (l.description, l.quantity, l.amount)
-                       IS DISTINCT FROM (excluded.description, excluded.quantity, excluded.amount)
-                RETURNING l.id, l.xmax = 0 AS inserted
-            ), kept AS (
-                INSERT INTO upsert_updated SELECT id FROM up WHERE NOT inserted
-            )
-            SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM up
+            INSERT INTO public.invoice_lines AS l
+                   (id, invoice_id, unit_id, line_type, description, normalized_description,
+                    quantity, amount)
+            SELECT {_NEW_ID}, s.invoice_id, s.unit_id, s.line_type, s.description, s.nd,
+                   s.quantity, s.amount
+              FROM {STAGING_TABLE} s WHERE s.record > %(low)s AND s.record <= %(high)s
+                ON CONFLICT (invoice_id, unit_id, line_type, normalized_description) DO UPDATE
+               SET description = excluded.description, quantity = excluded.quantity,
+                   amount = excluded.amount
+             WHERE (l.description, l.quantity, l.amount)
+                   IS DISTINCT FROM (excluded.description, excluded.quantity, excluded.amount)
+               AND EXISTS (SELECT 1 FROM upsert_old o WHERE o.id = l.id)
             """,
             {**ids, "low": low, "high": high},
         )
-        batch_inserted, batch_updated = cur.fetchone()
-        inserted += batch_inserted
-        updated += batch_updated
+        written += cur.rowcount
         low = high
         report.progress(number, len(highs) + 1, f"Batch {number} of {len(highs)}")
-    return len(highs), inserted, updated
+    return len(highs), written
 
 
-def _refuse_lines_inserted_meanwhile(cur: Any, *, inserted: int, expected: int, ids: dict[str, Any]) -> None:
-    """Every key of the file without a locked line must have been inserted by this run. One
-    that was not met a line another session inserted after the lock: its old values would be
-    unknown (updated) or the line would not be ours (identical), so the run stops rather
-    than guess."""
-    if inserted == expected:
+def _refuse_lines_inserted_meanwhile(cur: Any, *, written: int, expected: int, ids: dict[str, Any]) -> None:
+    """The upsert must have written every key of the file without a locked line and every
+    locked line the file changes, nothing else. A key that met a line another session
+    inserted after the lock was neither inserted nor (not being locked) updated: its old
+    values would be unknown, or the line would not be ours, so the run stops rather than
+    guess."""
+    if written == expected:
         return
     cur.execute(
         f"""
@@ -389,20 +398,19 @@ def _refuse_lines_inserted_meanwhile(cur: Any, *, inserted: int, expected: int, 
 # The audit row of a changed line (reconciliation.auditlog), in the file's row order: every
 # row whose key had no line (inserted), and the rows whose line was rewritten (updated).
 _LINE_VALUES = ("amount", "description", "invoice_id", "line_type", "quantity", "unit_id")
-_NEW_JSON = json_object_sql(
-    {
-        **{column: f"s.{column}" for column in _LINE_VALUES},
-        "hash_scheme": SCHEME,
-        "operation": "CASE WHEN o.id IS NULL THEN 'insert' ELSE 'update' END",
-        "run_id": "%(run_id)s::text",
-    }
-)
-_OLD_JSON = json_object_sql({column: f"o.{column}" for column in _LINE_VALUES})
+_OLD_DATA = AuditObject(columns=_LINE_VALUES)
+_NEW_VALUES = ", ".join(f"s.{c} AS new_{c}" for c in _LINE_VALUES)
+_OLD_VALUES = ", ".join(f"o.{c} AS old_{c}" for c in _LINE_VALUES)
 _AUDIT_ROWS = f"""
-    SELECT s.record AS k, coalesce(o.id, {_NEW_ID})::text AS record_id,
-           {_NEW_JSON} AS new_json,
-           CASE WHEN o.id IS NULL THEN NULL ELSE {_OLD_JSON} END AS old_json
-      FROM {STAGING_TABLE} s LEFT JOIN upsert_old o ON o.record = s.record
-     WHERE s.record > %(low)s AND s.record <= %(high)s
-       AND (o.id IS NULL OR EXISTS (SELECT 1 FROM upsert_updated u WHERE u.id = o.id))
+    SELECT s.record AS k, coalesce(o.id, {_NEW_ID}) AS record_id,
+           CASE WHEN o.id IS NULL THEN 'insert' ELSE 'update' END AS new_operation,
+           {_NEW_VALUES}, {_OLD_VALUES}
+      FROM {STAGING_TABLE} s
+      LEFT JOIN upsert_old o ON o.record = s.record AND o.record > %(low)s AND o.record <= %(high)s
+     WHERE s.record > %(low)s AND s.record <= %(high)s AND (o.id IS NULL OR o.changed)
 """
+
+
+def _new_data(run_id: str) -> AuditObject:
+    """new_data of the run's rows: the line's values, the operation, the run id, the scheme."""
+    return AuditObject(columns=(*_LINE_VALUES, "operation"), constants={**SCHEME_CONSTANT, "run_id": run_id})

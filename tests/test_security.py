@@ -304,6 +304,7 @@ SQL_COMPOSITION_ALLOWLIST: dict[tuple[str, str], str] = {
     ("locks/selectors.py", "holder"): "a column name read from the catalogue (lock_table_shape)",
     ("locks/selectors.py", "oldest"): "one of two expressions written in code (catalogue shape)",
     ("reconciliation/auditlog.py", "rows_sql"): "the _AUDIT_ROWS constants of upsert and rollback",
+    ("reconciliation/auditlog.py", "columns"): "AuditObject keys written in code (checked by KEY_PATTERN)",
     ("reconciliation/rollback.py", '_complete("p.before")'): "JSON key tests over constant column names",
     ("reconciliation/rollback.py", '_same_as("p.after")'): "JSON key tests over constant column names",
     ("reconciliation/upsert.py", "columns"): "sql.Identifier of each column of the CSV's header",

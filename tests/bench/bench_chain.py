@@ -8,7 +8,7 @@ demo is untouched), holding the contract schema, ``public.audit_logs`` is filled
   generate_series``;
 - **recomputation**: 1,000,000 rows as the dashboard's upsert writes them (``new_data``
   with ``hash_scheme`` billing-ops/2 and an invoice line's values as text): the canonical
-  JSON (as ``reconciliation.auditlog.json_object_sql`` builds ``new_data``) and its sha256
+  JSON (the text ``reconciliation.auditlog`` writes as ``new_data``) and its sha256
   built in SQL, the chain step in Python, the rows inserted in order. The verification must find every hash
   recomputed and the chain intact, which checks the SQL against ``audit.chain``.
 
@@ -70,7 +70,7 @@ _QUANTITY = _json("(1 + (i * 7919) %% 100000 / 100.0)::numeric(18, 6)::text")
 _UNIT = _json("'UNIT-' || lpad(((i / 5) %% 5000)::text, 6, '0')")
 
 # The rows of one upsert run, with the canonical JSON of audit.chain built in SQL (keys
-# sorted, to_json escaping like json.dumps), as reconciliation.auditlog builds new_data.
+# sorted, to_json escaping like json.dumps), the text reconciliation.auditlog writes as new_data.
 OURS_SOURCE_SQL = f"""
     CREATE UNLOGGED TABLE bench_source AS
     SELECT i, record_id, created_at, new_json,
