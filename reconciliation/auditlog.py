@@ -100,9 +100,25 @@ def _render(template: tuple[tuple[str, int, str], ...], row: Sequence[Any]) -> s
     return "{" + ",".join(items) + "}" if items else None
 
 
-def _copy_text(value: str) -> str:
+def _copy_text(value: str | None) -> str:
     """``value`` as a field of COPY's text format."""
+    if value is None:
+        return _COPY_NULL
     return value.translate(_COPY_ESCAPES) if _COPY_SPECIAL.search(value) else value
+
+
+def _copy_json(value: str | None) -> str:
+    """JSON text as a field of COPY's text format: only its backslashes need doubling
+    (``encode_basestring`` leaves no tab, newline or carriage return in it)."""
+    return _COPY_NULL if value is None else value.replace("\\", "\\\\")
+
+
+def _json_or_null(value: str | None) -> str:
+    return "null" if value is None else value
+
+
+def _json_string(value: str | None) -> str:
+    return "null" if value is None else encode_basestring(value)
 
 
 def append_audit_rows(
@@ -139,6 +155,7 @@ def append_audit_rows(
     if head is not None and first <= head[1]:
         first = head[1] + timedelta(microseconds=1)
     stamps = _Stamps(first)
+    next_stamp = stamps.next
     new_template = new_data.template(1)
     old_template = old_data.template(1 + len(new_data.columns))
     columns = ", ".join(["record_id::text", *new_data.select_list("new"), *old_data.select_list("old")])
@@ -155,41 +172,24 @@ def append_audit_rows(
                     record_id = row[0]
                     new_json = _render(new_template, row)
                     old_json = _render(old_template, row)
-                    stamp = stamps.next()
-                    canonical = "".join(
-                        (
-                            opening,
-                            stamp,
-                            '","new_data":',
-                            "null" if new_json is None else new_json,
-                            ',"old_data":',
-                            "null" if old_json is None else old_json,
-                            ',"record_id":',
-                            "null" if record_id is None else encode_basestring(record_id),
-                            "}",
-                        )
+                    stamp = next_stamp()
+                    canonical = (
+                        f'{opening}{stamp}","new_data":{_json_or_null(new_json)}'
+                        f',"old_data":{_json_or_null(old_json)}'
+                        f',"record_id":{_json_string(record_id)}}}'
                     )
                     digest = chain_hash(previous, sha256(canonical.encode("utf-8")).hexdigest())
                     lines.append(
-                        "\t".join(
-                            (
-                                action,
-                                _COPY_NULL if record_id is None else _copy_text(record_id),
-                                _COPY_NULL if old_json is None else _copy_text(old_json),
-                                _COPY_NULL if new_json is None else _copy_text(new_json),
-                                digest,
-                                _COPY_NULL if previous is None else previous,
-                                stamp,
-                            )
-                        )
+                        f"{action}\t{_copy_text(record_id)}\t{_copy_json(old_json)}\t{_copy_json(new_json)}"
+                        f"\t{digest}\t{_COPY_NULL if previous is None else previous}\t{stamp}\n"
                     )
                     previous = digest
                     written += 1
                     if len(lines) == COPY_FLUSH_ROWS:
-                        copy.write("\n".join(lines) + "\n")
+                        copy.write("".join(lines))
                         lines = []
                 if lines:
-                    copy.write("\n".join(lines) + "\n")
+                    copy.write("".join(lines))
     if written != rows:
         raise AuditWriteFailed(f"wrote {written} audit rows for {rows} changed lines")
     # Whoever appends after our commit stamps clock_timestamp(): it must sort after our last row.
