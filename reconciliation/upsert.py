@@ -14,14 +14,13 @@ What one run does, in one transaction of the environment database:
    batch or across batches);
 4. locks the existing lines the file's keys meet (``FOR UPDATE``, one statement), keeping
    their values for the audit rows and whether the file changes them;
-5. per batch of ``batch_size`` rows, in the file's order:
-   ``INSERT ... ON CONFLICT (invoice_id, unit_id, line_type, normalized_description)
+5. per batch of ``batch_size`` rows, in the file's order: the rows whose key has no line
+   are inserted (with time-ordered ids, ``_NEW_ID``); the rows whose line step 4 locked go
+   through ``INSERT ... ON CONFLICT (invoice_id, unit_id, line_type, normalized_description)
    DO UPDATE ... WHERE (description, quantity, amount) IS DISTINCT FROM ...``: identical
-   lines are not rewritten (and get no audit row), and only lines locked in step 4 are.
-   New lines get time-ordered ids (``_NEW_ID``). The lines written must be exactly the
-   file's new keys and the changed lines step 4 found: if another session inserted one of
-   the file's keys after step 4, the count differs and the run stops (that line's old
-   values would be unknown);
+   lines are not rewritten (and get no audit row). If another session inserted one of the
+   file's keys after step 4, the insert meets it on the dedup index and the run stops,
+   naming the key (that line would not be ours);
 6. writes one ``audit_logs`` row per inserted or updated line, chained
    (``reconciliation.auditlog``): the rows' values read in chunks, ``new_data``/``old_data``
    and the hashes built here in chain order, the rows written with COPY meanwhile. The table is locked against
@@ -42,10 +41,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import psycopg
 from django.conf import settings
 
 from reconciliation.auditlog import SCHEME_CONSTANT, AuditObject, append_audit_rows
 from reconciliation.csvfile import STAGING_TABLE, STAGING_TABLE_SQL, CsvError, CsvHeader, copy_error
+from reconciliation.indexes import DEDUP_INDEX, DedupIndexUnusable, require_dedup_index
 
 UPSERT_ACTION = "upsert_missing_lines"
 RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,99}")
@@ -121,8 +122,6 @@ def batch_upsert(
     report: Reporter,
 ) -> UpsertOutcome:
     """Run the upsert on ``conn`` (a psycopg connection, not in a transaction)."""
-    from reconciliation.indexes import DedupIndexUnusable, require_dedup_index
-
     check_run_id(run_id)
     if batch_size < 1:
         raise UpsertRefused("the batch size must be at least 1")
@@ -168,13 +167,14 @@ def batch_upsert(
             upsert_started = time.monotonic()
             existing, changed = _lock_existing_lines(cur)
             ids = new_line_ids()
-            outcome.batches, written = _upsert_batches(
+            outcome.batches, outcome.inserted, outcome.updated = _upsert_batches(
                 cur, keys=keys, batch_size=batch_size, report=report, ids=ids
             )
-            _refuse_lines_inserted_meanwhile(
-                cur, written=written, expected=keys - existing + changed, ids=ids
-            )
-            outcome.inserted, outcome.updated = keys - existing, changed
+            if (outcome.inserted, outcome.updated) != (keys - existing, changed):
+                raise UpsertFailed(
+                    f"wrote {outcome.inserted} new and {outcome.updated} changed lines where "
+                    f"{keys - existing} and {changed} were expected; nothing was committed"
+                )
             outcome.unchanged = existing - changed
             outcome.upsert_ms = round((time.monotonic() - upsert_started) * 1000)
             report.log(
@@ -320,7 +320,6 @@ def _lock_existing_lines(cur: Any) -> tuple[int, int]:
     cur.execute(
         """
         ALTER TABLE upsert_old ADD PRIMARY KEY (record);
-        CREATE UNIQUE INDEX ON upsert_old (id);
         ANALYZE upsert_old;
         """
     )
@@ -331,10 +330,17 @@ def _lock_existing_lines(cur: Any) -> tuple[int, int]:
 
 def _upsert_batches(
     cur: Any, *, keys: int, batch_size: int, report: Reporter, ids: dict[str, Any]
-) -> tuple[int, int]:
-    """``INSERT ... ON CONFLICT DO UPDATE`` the rows, ``batch_size`` of them at a time in
-    the file's order: (batches, lines written). A line is rewritten only if this run locked
-    it (it is in upsert_old) and the file changes it."""
+) -> tuple[int, int, int]:
+    """Write the rows ``batch_size`` at a time in the file's order: (batches, inserted,
+    updated). Per batch, the rows whose key has no line are inserted; the rows whose line
+    step 4 locked go through ``INSERT ... ON CONFLICT (the dedup key) DO UPDATE ... WHERE``
+    the values differ, so identical lines are not rewritten.
+
+    The new keys need no conflict handling: their lines did not exist when the existing ones
+    were locked, and a line another session inserted since makes the INSERT fail on the
+    dedup index; the run then stops (the line would not be ours) and names the key. Leaving
+    them out of ON CONFLICT spares its speculative insertion: 2.2 s per 900,000 new lines.
+    """
     cur.execute(
         f"""
         SELECT record FROM (SELECT record, row_number() OVER (ORDER BY record) AS n FROM {STAGING_TABLE}) r
@@ -344,55 +350,57 @@ def _upsert_batches(
     )
     highs = [high for (high,) in cur.fetchall()]
     report.progress(0, len(highs) + 1, f"Normalized: {keys} keys, {len(highs)} batches to upsert")
-    written = 0
+    inserted = updated = 0
     low = 0
     for number, high in enumerate(highs, start=1):
         report.check_cancel()
-        cur.execute(
-            f"""
-            INSERT INTO public.invoice_lines AS l
-                   (id, invoice_id, unit_id, line_type, description, normalized_description,
-                    quantity, amount)
-            SELECT {_NEW_ID}, s.invoice_id, s.unit_id, s.line_type, s.description, s.nd,
-                   s.quantity, s.amount
-              FROM {STAGING_TABLE} s WHERE s.record > %(low)s AND s.record <= %(high)s
-                ON CONFLICT (invoice_id, unit_id, line_type, normalized_description) DO UPDATE
-               SET description = excluded.description, quantity = excluded.quantity,
-                   amount = excluded.amount
-             WHERE (l.description, l.quantity, l.amount)
-                   IS DISTINCT FROM (excluded.description, excluded.quantity, excluded.amount)
-               AND EXISTS (SELECT 1 FROM upsert_old o WHERE o.id = l.id)
-            """,
-            {**ids, "low": low, "high": high},
-        )
-        written += cur.rowcount
+        params = {**ids, "low": low, "high": high}
+        try:
+            cur.execute(_INSERT_NEW, params)
+        except psycopg.errors.UniqueViolation as exc:
+            if exc.diag.constraint_name != DEDUP_INDEX.name:
+                raise
+            raise UpsertFailed(
+                f"another session inserted a line with the key {_conflicting_key(exc)} while the upsert ran; "
+                "nothing was committed: run it again with a new run id"
+            ) from None
+        inserted += cur.rowcount
+        cur.execute(_UPSERT_CHANGED, params)
+        updated += cur.rowcount
         low = high
         report.progress(number, len(highs) + 1, f"Batch {number} of {len(highs)}")
-    return len(highs), written
+    return len(highs), inserted, updated
 
 
-def _refuse_lines_inserted_meanwhile(cur: Any, *, written: int, expected: int, ids: dict[str, Any]) -> None:
-    """The upsert must have written every key of the file without a locked line and every
-    locked line the file changes, nothing else. A key that met a line another session
-    inserted after the lock was neither inserted nor (not being locked) updated: its old
-    values would be unknown, or the line would not be ours, so the run stops rather than
-    guess."""
-    if written == expected:
-        return
-    cur.execute(
-        f"""
-        SELECT s.invoice_id, s.unit_id, s.line_type
-          FROM {STAGING_TABLE} s JOIN public.invoice_lines l ON {_KEY_JOIN}
-         WHERE NOT EXISTS (SELECT 1 FROM upsert_old o WHERE o.record = s.record) AND l.id <> {_NEW_ID}
-         LIMIT 1
-        """,
-        ids,
-    )
-    raced = cur.fetchone()
-    line = "{}/{}/{}".format(*raced) if raced else "a line of the file"
-    raise UpsertFailed(
-        f"another session inserted {line} while the upsert ran; run it again with a new run id"
-    )
+def _conflicting_key(exc: psycopg.Error) -> str:
+    """The key a unique violation names ("Key (...)=(INV-2, U-1, FEE, fee) already exists.")."""
+    found = re.search(r"\)=\((.*)\) already exists", exc.diag.message_detail or "")
+    return f"({found.group(1)})" if found else "of a line of the file"
+
+
+# Both write in the file's order (ORDER BY): the new ids ascend, so the primary key (and the
+# dedup index, for a file sorted by invoice) takes each insert at its right edge. Without it
+# the anti-join hands the rows over in hash order and the batches took 8.4 s instead of 5.8 s
+# for 900,000 new lines.
+_LINE_COLUMNS = "id, invoice_id, unit_id, line_type, description, normalized_description, quantity, amount"
+_LINE_ROW = f"{_NEW_ID}, s.invoice_id, s.unit_id, s.line_type, s.description, s.nd, s.quantity, s.amount"
+_BATCH = "s.record > %(low)s AND s.record <= %(high)s"
+_INSERT_NEW = f"""
+    INSERT INTO public.invoice_lines ({_LINE_COLUMNS})
+    SELECT {_LINE_ROW} FROM {STAGING_TABLE} s
+     WHERE {_BATCH} AND NOT EXISTS (SELECT 1 FROM upsert_old o WHERE o.record = s.record)
+     ORDER BY s.record
+"""
+_UPSERT_CHANGED = f"""
+    INSERT INTO public.invoice_lines AS l ({_LINE_COLUMNS})
+    SELECT {_LINE_ROW} FROM {STAGING_TABLE} s JOIN upsert_old o ON o.record = s.record
+     WHERE {_BATCH} AND o.changed
+     ORDER BY s.record
+        ON CONFLICT (invoice_id, unit_id, line_type, normalized_description) DO UPDATE
+       SET description = excluded.description, quantity = excluded.quantity, amount = excluded.amount
+     WHERE (l.description, l.quantity, l.amount)
+           IS DISTINCT FROM (excluded.description, excluded.quantity, excluded.amount)
+"""
 
 
 # The audit row of a changed line (reconciliation.auditlog), in the file's row order: every

@@ -329,7 +329,9 @@ def test_a_line_another_session_inserts_meanwhile_stops_the_run_and_nothing_is_w
     existing_line(env, "INV-1", "U-1", "FEE", "fee", "1", "1")
     path = write_csv(tmp_path, "INV-1,U-1,FEE,fee,2,2\nINV-2,U-1,FEE,fee,1,1\nINV-3,U-1,FEE,fee,1,1\n")
     before = query(env, "SELECT id, amount FROM invoice_lines WHERE invoice_id = 'INV-1'")
-    with pytest.raises(UpsertFailed, match="another session inserted"):
+    with pytest.raises(
+        UpsertFailed, match=r"another session inserted a line with the key \(INV-2, U-1, FEE, fee\)"
+    ):
         run(env, path, report=InsertsMeanwhile(env, description))
     assert query(env, "SELECT id, amount FROM invoice_lines WHERE invoice_id = 'INV-1'") == before
     assert query(env, "SELECT count(*) FROM invoice_lines WHERE invoice_id = 'INV-3'") == [(0,)]
