@@ -85,7 +85,6 @@ class AuditObject:
         )
 
 
-NO_OBJECT = AuditObject(columns=())  # old_data of rows that have none: always null
 SCHEME_CONSTANT = {"hash_scheme": HASH_SCHEME}
 
 
@@ -130,7 +129,7 @@ def append_audit_rows(
     span: int | None = None,
     params: Mapping[str, Any],
     new_data: AuditObject,
-    old_data: AuditObject = NO_OBJECT,
+    old_data: AuditObject,
 ) -> tuple[int, str | None]:
     """Append ``rows`` chained audit rows; returns (rows written, the chain's new head).
 

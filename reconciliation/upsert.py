@@ -22,11 +22,12 @@ What one run does, in one transaction of the environment database:
    file's keys after step 4, the insert meets it on the dedup index and the run stops,
    naming the key (that line would not be ours);
 6. writes one ``audit_logs`` row per inserted or updated line, chained
-   (``reconciliation.auditlog``): the rows' values read in chunks, ``new_data``/``old_data``
-   and the hashes built here in chain order, the rows written with COPY meanwhile. The table is locked against
-   other writers (SHARE ROW EXCLUSIVE) from reading the chain's head until commit, the
-   rows' ``created_at`` are one microsecond apart after the head, and the commit waits
-   until the clock has passed the last of them, so rows appended after ours sort after ours;
+   (``reconciliation.auditlog``): the lines' values are read back in chunks, and
+   ``new_data``, ``old_data`` and the hashes built in Python in chain order while COPY
+   stores the rows already built. The table is locked against other writers (SHARE ROW
+   EXCLUSIVE) from reading the chain's head until commit, the rows' ``created_at`` are one
+   microsecond apart after the head, and the commit waits until the clock has passed the
+   last of them, so rows appended after ours sort after ours;
 7. commits, or for a dry run rolls back, reporting the same counts.
 
 Any error anywhere rolls the whole transaction back: nothing is committed.
@@ -232,6 +233,8 @@ def _copy_csv(cur: Any, csv_path: Path, csv_name: str, header: CsvHeader) -> int
     return int(cur.rowcount)
 
 
+# Whether the file's row ``s`` changes the line ``l`` (the upsert's DO UPDATE condition).
+_CHANGES = "(l.description, l.quantity, l.amount) IS DISTINCT FROM (s.description, s.quantity, s.amount)"
 _KEY_JOIN = (
     "l.invoice_id = s.invoice_id AND l.unit_id = s.unit_id AND l.line_type = s.line_type"
     " AND l.normalized_description = s.nd"
@@ -241,8 +244,6 @@ _KEY_JOIN = (
 # counter seeded once per run and advanced by the file's row number (the RFC's "monotonic
 # random" method). The ids of one run are adjacent in the primary key's index, where
 # ``gen_random_uuid()`` would scatter a million inserts across it.
-# Whether the file's row ``s`` changes the line ``l`` (the upsert's DO UPDATE condition).
-_CHANGES = "(l.description, l.quantity, l.amount) IS DISTINCT FROM (s.description, s.quantity, s.amount)"
 _NEW_ID = "(%(id_prefix)s || to_hex((%(id_seed)s::bigint + s.record) | (-9223372036854775808)::bigint))::uuid"
 _ID_SEED_ROOM = 1 << 40  # more rows than any file can have: seed + record stays under 2**62
 
