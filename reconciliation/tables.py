@@ -33,9 +33,10 @@ class UpsertRunTable(tables.Table):
     started_at = tables.DateTimeColumn(verbose_name=_("Started"))
     audit = tables.TemplateColumn(
         "{% if not record.dry_run and record.inserted|add:record.updated %}"
-        '<a href="{% url "upsert_audit_rows" record.environment record.pk %}">{{ label }}</a>{% endif %}'
+        '<a href="{% url "upsert_audit_rows" record.environment record.pk %}">{{ label }}</a>'
+        '{% if record.status == "succeeded" %} · {% endif %}{% endif %}'
         '{% if not record.dry_run and record.status == "succeeded" %}'
-        ' · <a href="{% url "reconciliation_home" record.environment %}'
+        '<a href="{% url "reconciliation_home" record.environment %}'
         '?run_id={{ record.run_id|urlencode }}#verify">'
         "{{ verify_label }}</a>{% endif %}",
         verbose_name=_("Audit and verification"),

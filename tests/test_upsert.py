@@ -698,3 +698,23 @@ def test_an_upsert_cancelled_before_it_ran_fails_its_run_and_removes_the_file(
     job_cancel(actor=operator, job_id=job.pk)
     assert UpsertRun.objects.get(job=job).status == UpsertRunStatus.FAILED
     assert not upload_path(job.params["upload"]).exists()
+
+
+def test_the_runs_page_links_audit_rows_only_for_a_run_that_wrote_some(env, tmp_path, client_for) -> None:
+    import re
+
+    from django.urls import reverse
+
+    operator = make_user("runs-operator", "Operator")
+    path = write_csv(tmp_path, "INV-R,U-1,FEE,fee,1,1\n")
+    for run_id in ("wrote-one", "wrote-none"):  # the second finds the line identical
+        job = request_upsert(operator, env, path, run_id)
+        job_execute(job_id=job.pk, worker="test")
+    page = client_for(operator).get(reverse("upsert_runs", args=[env.key])).content.decode()
+    cells = {
+        run_id: re.sub(r"<[^>]+>|\s+", " ", row.split("</td>")[-3]).split()
+        for row in page.split("<tr")
+        for run_id in ("wrote-one", "wrote-none")
+        if f">{run_id}<" in row
+    }
+    assert cells == {"wrote-one": ["audit", "rows", "·", "verify", "(§4)"], "wrote-none": ["verify", "(§4)"]}
