@@ -362,7 +362,7 @@ def _upsert_batches(
             if exc.diag.constraint_name != DEDUP_INDEX.name:
                 raise
             raise UpsertFailed(
-                f"another session inserted a line with the key {_conflicting_key(exc)} while the upsert ran; "
+                f"another session inserted {_conflicting_line(exc)} while the upsert ran; "
                 "nothing was committed: run it again with a new run id"
             ) from None
         inserted += cur.rowcount
@@ -373,10 +373,11 @@ def _upsert_batches(
     return len(highs), inserted, updated
 
 
-def _conflicting_key(exc: psycopg.Error) -> str:
-    """The key a unique violation names ("Key (...)=(INV-2, U-1, FEE, fee) already exists.")."""
-    found = re.search(r"\)=\((.*)\) already exists", exc.diag.message_detail or "")
-    return f"({found.group(1)})" if found else "of a line of the file"
+def _conflicting_line(exc: psycopg.Error) -> str:
+    """The line a unique violation names ("Key (...)=(INV-2, U-1, FEE, fee) already exists.";
+    the server may word it in another language)."""
+    found = re.search(r"\)=\((.*)\)", exc.diag.message_detail or "")
+    return f"a line with the key ({found.group(1)})" if found else "a line with a key of the file"
 
 
 # Both write in the file's order (ORDER BY): the new ids ascend, so the primary key (and the
