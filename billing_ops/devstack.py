@@ -200,7 +200,7 @@ class PrivatePostgres:
         # the server checkpoints every few seconds under it (and logs "checkpoints are
         # occurring too frequently"), stalling every commit meanwhile. wal_buffers: with the
         # default (8 MB at these shared_buffers) a large COPY or INSERT writes WAL out in
-        # small pieces as it goes; 64 MB took the million-line upsert from 38 s to 33 s.
+        # small pieces as it goes; 64 MB took the million-line upsert from 38 s to 33 s (once).
         settings = (
             f"-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories='' "
             "-c max_connections=200 -c shared_buffers=256MB -c fsync=on -c max_wal_size=8GB "

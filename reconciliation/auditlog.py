@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from hashlib import sha256
 from json.encoder import encode_basestring  # json.dumps(str, ensure_ascii=False), in C
@@ -39,10 +39,8 @@ KEY_PATTERN = re.compile(r"[a-z][a-z_]*")
 _COPY_SPECIAL = re.compile(r"[\\\t\n\r]")
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 _COPY_NULL = "\\N"
-_COPY_SQL = (
-    "COPY public.audit_logs (action, record_id, old_data, new_data, hash, previous_hash, created_at)"
-    " FROM STDIN"
-)
+COPY_COLUMNS = "action, record_id, old_data, new_data, hash, previous_hash, created_at"
+_COPY_SQL = f"COPY public.audit_logs ({COPY_COLUMNS}) FROM STDIN"
 
 
 class AuditWriteFailed(Exception):
@@ -55,8 +53,9 @@ class AuditObject:
 
     ``columns``: keys whose values the rows' SELECT yields as text, in columns named
     ``<prefix>_<key>`` (``new_amount``, ``old_amount``); a NULL value leaves its key out.
-    ``constants``: keys with the same value on every row (the run id, the hash scheme).
-    An object left with no keys is written as null.
+    ``constants``: keys with the same value on every row (the run id). An object left with
+    no keys is written as null. ``append_audit_rows`` adds ``hash_scheme`` to ``new_data``
+    itself: every row it writes is one ``audit.chain`` can recompute.
     """
 
     columns: tuple[str, ...]
@@ -83,9 +82,6 @@ class AuditObject:
             )
             for key in sorted((*self.columns, *self.constants))
         )
-
-
-SCHEME_CONSTANT = {"hash_scheme": HASH_SCHEME}
 
 
 def _render(template: tuple[tuple[str, int, str], ...], row: Sequence[Any]) -> str | None:
@@ -155,6 +151,7 @@ def append_audit_rows(
         first = head[1] + timedelta(microseconds=1)
     stamps = _Stamps(first)
     next_stamp = stamps.next
+    new_data = replace(new_data, constants={**new_data.constants, "hash_scheme": HASH_SCHEME})
     new_template = new_data.template(1)
     old_template = old_data.template(1 + len(new_data.columns))
     columns = ", ".join(["record_id::text", *new_data.select_list("new"), *old_data.select_list("old")])

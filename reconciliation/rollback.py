@@ -51,7 +51,7 @@ from billing_ops.environments import Environment, environment_connect, get_envir
 from billing_ops.models import Job, JobStatus
 from billing_ops.notifications import notify_stakeholders
 from billing_ops.services import Actor, JobContext, JobRefused, job_request, user_of
-from reconciliation.auditlog import SCHEME_CONSTANT, AuditObject, append_audit_rows
+from reconciliation.auditlog import AuditObject, append_audit_rows
 from reconciliation.duplicates import pin_session
 from reconciliation.models import RollbackStatus, RunRollback, UpsertRun, UpsertRunStatus
 from reconciliation.upsert import UPSERT_ACTION, UpsertRefused, check_run_id
@@ -371,7 +371,7 @@ _AUDIT_ROWS = f"""
 def _new_data(run_id: str, job_id: int) -> AuditObject:
     return AuditObject(
         columns=("operation", *LINE_VALUES),
-        constants={**SCHEME_CONSTANT, "run_id": run_id, "rollback_job": str(job_id)},
+        constants={"run_id": run_id, "rollback_job": str(job_id)},
     )
 
 

@@ -148,6 +148,15 @@ def test_a_rollback_deletes_inserts_restores_updates_and_skips_conflicts(
     restore = next(r for r in rows if r[0] == "restore")
     assert restore[2]["description"] == "energy  JAN" and restore[3]["description"] == "Energy Jan"
     assert restore[3]["rollback_job"] == str(job.pk) and restore[3]["hash_scheme"] == "billing-ops/2"
+    # A delete's new_data carries no line values (they are NULL in its row: left out).
+    deletes = [new for op, _record, _old, new in rows if op == "delete"]
+    tags = {
+        "operation": "delete",
+        "run_id": "fix-1",
+        "rollback_job": str(job.pk),
+        "hash_scheme": "billing-ops/2",
+    }
+    assert deletes == [tags, tags]
     assert query(env, RUNBOOK_4_1_DUPLICATES) == [(0,)]
     assert_chain_intact(env)
 

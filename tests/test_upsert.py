@@ -214,6 +214,10 @@ def test_inserts_updates_and_leaves_identical_lines_alone(env, tmp_path) -> None
         and new["quantity"] == "11.250000"
         and new["run_id"] == "manual-20260208-fix42"
     )
+    # Every row of the run is one the chain verification recomputes, not only links.
+    assert query(
+        env, "SELECT count(*) FROM audit_logs WHERE new_data ->> 'hash_scheme' = 'billing-ops/2'"
+    ) == [(3,)]
     assert query(env, "SELECT count(*) FROM audit_logs WHERE record_id = %s", [same_id]) == [(0,)]
     (quoted,) = query(env, "SELECT description FROM invoice_lines WHERE invoice_id = 'INV-3'")
     assert quoted == ("two\nlines",)
@@ -307,6 +311,38 @@ def test_a_failure_in_a_later_batch_rolls_back_the_earlier_ones_and_writes_no_au
         assert snapshot(env) == before
     finally:
         query(env, "DROP TRIGGER boom ON invoice_lines; DROP FUNCTION boom()")
+
+
+@pytest.mark.parametrize("statement", ["INSERT", "UPDATE"])
+def test_a_line_the_database_silently_skips_stops_the_run_and_nothing_is_written(
+    env, tmp_path, statement
+) -> None:
+    """A trigger of the platform's that drops a row without an error (BEFORE INSERT also
+    sees the rows ON CONFLICT proposes): the lines written no longer match what the lock
+    predicted, so the audit would not match the table either."""
+    existing_line(env, "INV-0", "U-1", "FEE", "fee", "1", "1")
+    query(
+        env,
+        f"""
+        CREATE FUNCTION skip_it() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.invoice_id IN ('INV-SKIP', 'INV-0') THEN RETURN NULL; END IF;
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER skip_it BEFORE {statement} ON invoice_lines FOR EACH ROW EXECUTE FUNCTION skip_it();
+        """,
+    )
+    try:
+        before = snapshot(env)
+        body = "INV-0,U-1,FEE,fee,2,2\nINV-1,U-1,FEE,fee,1,1\nINV-SKIP,U-1,FEE,fee,1,1\n"
+        expected = "wrote 1 new and 0 changed" if statement == "INSERT" else "wrote 2 new and 0 changed"
+        with pytest.raises(
+            UpsertFailed, match=f"{expected} lines where 2 and 1 were expected; nothing was committed"
+        ):
+            run(env, write_csv(tmp_path, body))
+        assert snapshot(env) == before
+    finally:
+        query(env, "DROP TRIGGER skip_it ON invoice_lines; DROP FUNCTION skip_it()")
 
 
 class InsertsMeanwhile(Recorder):

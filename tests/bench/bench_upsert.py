@@ -178,7 +178,9 @@ def plain_insert(url: str, path: Path) -> float:
 
 def save_audit_rows(url: str, path: Path) -> None:
     """The audit rows the full run wrote, as COPY text (untimed)."""
-    statement = f"COPY (SELECT {AUDIT_COLUMNS} FROM public.audit_logs ORDER BY id) TO STDOUT"
+    from reconciliation.auditlog import COPY_COLUMNS
+
+    statement = f"COPY (SELECT {COPY_COLUMNS} FROM public.audit_logs ORDER BY id) TO STDOUT"
     with (
         psycopg.connect(url) as conn,
         conn.cursor() as cur,
@@ -192,19 +194,18 @@ def save_audit_rows(url: str, path: Path) -> None:
 def audit_copy(url: str, path: Path) -> float:
     """The floor of the upsert's audit write: the same rows by one COPY into the emptied
     audit_logs (its indexes kept), committed."""
+    from reconciliation.auditlog import COPY_COLUMNS
+
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("TRUNCATE public.audit_logs")
         conn.execute("CHECKPOINT")
     with psycopg.connect(url) as conn, conn.cursor() as cur:
         started = time.perf_counter()
-        with path.open("rb") as f, cur.copy(f"COPY public.audit_logs ({AUDIT_COLUMNS}) FROM STDIN") as copy:
+        with path.open("rb") as f, cur.copy(f"COPY public.audit_logs ({COPY_COLUMNS}) FROM STDIN") as copy:
             while chunk := f.read(1 << 20):
                 copy.write(chunk)
         conn.commit()
         return time.perf_counter() - started
-
-
-AUDIT_COLUMNS = "action, record_id, old_data, new_data, hash, previous_hash, created_at"
 
 
 def naive(url: str, path: Path) -> float:
